@@ -1,0 +1,59 @@
+"""Use a synchronous SQLAlchemy ``Session`` from asyncio and trio without blocking the loop.
+
+.. code-block:: python
+
+    Session = threadpool_sessionmaker(engine)
+
+    async with threadpool_session(Session) as sess:
+        users = await sess.run(lambda s: s.scalars(select(User)))
+"""
+
+from ._context import bind_session as bind_session
+from ._context import current_session as current_session
+from ._context import get_default_sessionmaker as get_default_sessionmaker
+from ._context import set_default_sessionmaker as set_default_sessionmaker
+from ._context import threadpool_session as threadpool_session
+from ._exceptions import AdmissionTimeoutError as AdmissionTimeoutError
+from ._exceptions import BlockingOnEventLoopError as BlockingOnEventLoopError
+from ._exceptions import BlockingOnEventLoopWarning as BlockingOnEventLoopWarning
+from ._exceptions import ConfigurationError as ConfigurationError
+from ._exceptions import ConfigurationWarning as ConfigurationWarning
+from ._exceptions import LazyLoadOnEventLoopError as LazyLoadOnEventLoopError
+from ._exceptions import NoSessionError as NoSessionError
+from ._exceptions import SessionClosedError as SessionClosedError
+from ._exceptions import SessionOwnershipError as SessionOwnershipError
+from ._exceptions import ThreadpoolSessionError as ThreadpoolSessionError
+from ._exceptions import TransactionInterruptedError as TransactionInterruptedError
+from ._guard import allow_blocking as allow_blocking
+from ._maker import threadpool_sessionmaker as threadpool_sessionmaker
+from ._results import ThreadpoolStreamResult as ThreadpoolStreamResult
+from ._session import ThreadpoolSession as ThreadpoolSession
+from ._session import ThreadpoolSessionTransaction as ThreadpoolSessionTransaction
+from ._shutdown import shutdown as shutdown
+
+__all__ = [
+    "AdmissionTimeoutError",
+    "BlockingOnEventLoopError",
+    "BlockingOnEventLoopWarning",
+    "ConfigurationError",
+    "ConfigurationWarning",
+    "LazyLoadOnEventLoopError",
+    "NoSessionError",
+    "SessionClosedError",
+    "SessionOwnershipError",
+    "ThreadpoolSession",
+    "ThreadpoolSessionError",
+    "ThreadpoolSessionTransaction",
+    "ThreadpoolStreamResult",
+    "TransactionInterruptedError",
+    "allow_blocking",
+    "bind_session",
+    "current_session",
+    "get_default_sessionmaker",
+    "set_default_sessionmaker",
+    "shutdown",
+    "threadpool_session",
+    "threadpool_sessionmaker",
+]
+
+__version__ = "0.1.0"

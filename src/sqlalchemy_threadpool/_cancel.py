@@ -1,0 +1,217 @@
+"""Server-side cancellation of the statement in flight, and severing a connection.
+
+A worker thread cannot be killed, so when the task awaiting it is cancelled or times out, the
+offload path asks the database to stop the statement, then waits for the worker to come out
+(it does so with the driver's "query cancelled" error) before cleaning up. Per driver:
+
+- psycopg2: ``connection.cancel()``, from a thread other than the worker (it opens its own
+  short TCP connection to the server, which signals the backend before it answers);
+- PyMySQL / MySQLdb (MySQL, MariaDB): over a separate, non-pooled connection made with the
+  engine's own connect arguments (the pool may be exhausted): on MariaDB
+  ``KILL QUERY ID <query id>`` of the statement the session's connection is running right
+  now, so a late kill can never stop a later statement; on MySQL ``KILL QUERY <thread id>``.
+  Killing another user's query needs the ``CONNECTION ADMIN`` privilege (MariaDB also
+  ``SUPER``); a user may always kill the queries of its own connections;
+- sqlite3: ``Connection.interrupt()``, which is safe from any thread and a no-op when no
+  statement runs.
+
+Each mechanism does nothing when no statement is running, so it never stops the *next* one.
+Drivers without a mechanism (``canceller_for`` returns ``None``) fall back to waiting.
+
+:func:`sever` is the last resort when a statement does not stop (or a rollback does not come
+back) within the cleanup deadline: it shuts down the connection's socket, so the blocked
+worker gets a "connection lost" error at once and SQLAlchemy invalidates the connection.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import weakref
+from typing import Any, Protocol
+
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.orm import Session
+
+__all__ = [
+    "StatementCanceller",
+    "canceller_for",
+    "sever",
+    "session_connections",
+    "track_connections",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Seconds the side connection of ``KILL QUERY`` may take to connect and to answer.
+SIDE_CONNECTION_TIMEOUT = 5
+
+#: The connections each of our sessions has used, recorded as they are checked out (in the
+#: worker) and read when cancelling (on the event loop): hence the lock.
+_connections: weakref.WeakKeyDictionary[Session, weakref.WeakSet[Connection]] = (
+    weakref.WeakKeyDictionary()
+)
+_connections_lock = threading.Lock()
+
+
+def track_connections(session: Session, transaction: Any, connection: Connection) -> None:
+    """``after_begin`` listener: remember which connections a session is using."""
+    with _connections_lock:
+        _connections.setdefault(session, weakref.WeakSet()).add(connection)
+
+
+def session_connections(session: Session) -> list[Connection]:
+    """The session's connections that are still open and valid."""
+    with _connections_lock:
+        connections = list(_connections.get(session, ()))
+    return [c for c in connections if not c.closed and not c.invalidated]
+
+
+def _dbapi(connection: Connection) -> Any:
+    try:
+        return connection.connection.dbapi_connection
+    except Exception:  # closed or invalidated meanwhile
+        return None
+
+
+class StatementCanceller(Protocol):
+    """Stops the statement a DBAPI connection is running; called from a helper thread."""
+
+    def cancel(self, dbapi_connection: Any) -> None: ...
+
+
+class _Psycopg2Canceller:
+    def cancel(self, dbapi_connection: Any) -> None:
+        dbapi_connection.cancel()
+
+
+class _SqliteCanceller:
+    def cancel(self, dbapi_connection: Any) -> None:
+        dbapi_connection.interrupt()
+
+
+class _MySQLCanceller:
+    """``KILL QUERY [ID]`` through a fresh connection made like the pool's own."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    def _side_connection(self) -> Any:
+        pool = self._engine.pool
+        invoke = getattr(pool, "_invoke_creator", None)
+        if invoke is not None:  # the pool's creator: URL, connect_args and do_connect events
+            side = invoke(None)
+        else:  # pragma: no cover - every SQLAlchemy 2.x pool has one
+            dialect = self._engine.dialect
+            args, kwargs = dialect.create_connect_args(self._engine.url)
+            side = dialect.loaded_dbapi.connect(*args, **kwargs)
+        sock = getattr(side, "_sock", None)  # PyMySQL: bound the wait for the answer
+        if isinstance(sock, socket.socket):
+            sock.settimeout(SIDE_CONNECTION_TIMEOUT)
+        return side
+
+    def cancel(self, dbapi_connection: Any) -> None:
+        thread_id = int(dbapi_connection.thread_id())
+        side = self._side_connection()
+        try:
+            cursor = side.cursor()
+            if not getattr(self._engine.dialect, "is_mariadb", False):
+                cursor.execute(f"KILL QUERY {thread_id}")
+                return
+            cursor.execute(
+                "SELECT query_id FROM information_schema.processlist "
+                "WHERE id = %s AND command = 'Query'",
+                (thread_id,),
+            )
+            row = cursor.fetchone()
+            if row is None:
+                return  # nothing running: nothing to stop
+            try:
+                cursor.execute(f"KILL QUERY ID {int(row[0])}")
+            except Exception as exc:
+                if _error_code(exc) != 1957:  # ER_NO_SUCH_QUERY: it finished meanwhile
+                    raise
+        finally:
+            side.close()
+
+
+def _error_code(exc: BaseException) -> int | None:
+    args = getattr(exc, "args", ())
+    return args[0] if args and isinstance(args[0], int) else None
+
+
+def canceller_for(bind: Engine | Connection | None) -> StatementCanceller | None:
+    """The canceller for the bind's driver, or ``None`` where there is no mechanism."""
+    if bind is None:
+        return None
+    engine = bind.engine if isinstance(bind, Connection) else bind
+    driver = engine.dialect.driver
+    if driver == "psycopg2":
+        return _Psycopg2Canceller()
+    if driver == "pysqlite":
+        return _SqliteCanceller()
+    if driver in ("pymysql", "mysqldb"):
+        return _MySQLCanceller(engine)
+    return None
+
+
+def cancel_statements(
+    canceller: StatementCanceller, session: Session, finished: threading.Event, loud: bool
+) -> None:
+    """Cancel what the session's connections run, unless the worker left already.
+
+    Runs in a helper thread. A failure is logged (at WARNING when ``loud``) and otherwise
+    ignored: the caller goes on waiting for the statement to finish.
+    """
+    for connection in session_connections(session):
+        dbapi = _dbapi(connection)
+        if dbapi is None or finished.is_set():
+            continue
+        try:
+            canceller.cancel(dbapi)
+        except Exception:
+            logger.log(
+                logging.WARNING if loud else logging.DEBUG,
+                "cancelling the statement in flight failed; waiting for it to finish instead "
+                "(for MySQL/MariaDB the user needs to be allowed to KILL the query)",
+                exc_info=True,
+            )
+
+
+def sever(session: Session) -> bool:
+    """Shut down the sockets of the session's connections; return whether any was shut.
+
+    The worker blocked on such a socket gets a "connection lost" error at once, and
+    SQLAlchemy invalidates the connection. Only the socket is shut down, not the file
+    descriptor closed, so the driver's own bookkeeping stays sound.
+    """
+    severed = False
+    for connection in session_connections(session):
+        fd = _socket_fd(_dbapi(connection))
+        if fd is None:
+            continue
+        try:
+            with socket.socket(fileno=os.dup(fd)) as sock:
+                sock.shutdown(socket.SHUT_RDWR)
+            severed = True
+        except OSError:
+            logger.debug("shutting down a connection's socket failed", exc_info=True)
+    return severed
+
+
+def _socket_fd(dbapi: Any) -> int | None:
+    if dbapi is None:
+        return None
+    sock = getattr(dbapi, "_sock", None)  # PyMySQL
+    if isinstance(sock, socket.socket):
+        return sock.fileno()
+    fileno = getattr(dbapi, "fileno", None)  # psycopg2, and mysqlclient's socket
+    if callable(fileno) and not hasattr(dbapi, "interrupt"):  # not sqlite3
+        try:
+            fd = fileno()
+        except Exception:
+            return None
+        return fd if isinstance(fd, int) and fd >= 0 else None
+    return None

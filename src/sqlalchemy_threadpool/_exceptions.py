@@ -1,0 +1,90 @@
+"""The exceptions and warnings of sqlalchemy-threadpool.
+
+Our own errors share one base class; database errors raised in a worker thread are never
+wrapped and reach the caller unchanged (``except IntegrityError`` keeps working)::
+
+    ThreadpoolSessionError
+    ├── NoSessionError              current_session() with nothing bound
+    ├── SessionClosedError          IO on a session whose scope has ended
+    ├── ConfigurationError          a maker that cannot work (also a ValueError)
+    ├── AdmissionTimeoutError       no connection capacity within the admission timeout
+    │                               (also a TimeoutError)
+    ├── SessionOwnershipError       a strict session used from a task that does not own it
+    ├── TransactionInterruptedError a call was cancelled or timed out while it ran: the
+    │                               unit of work failed and was rolled back
+    └── BlockingOnEventLoopError    SQL about to run on the event-loop thread
+        │                           (also a sqlalchemy.exc.InvalidRequestError)
+        └── LazyLoadOnEventLoopError    an attribute load on the event-loop thread
+
+    UserWarning
+    ├── BlockingOnEventLoopWarning  the guard's "warn" mode
+    └── ConfigurationWarning        a maker that works, but not as well as it could
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import exc as sa_exc
+
+__all__ = [
+    "AdmissionTimeoutError",
+    "BlockingOnEventLoopError",
+    "BlockingOnEventLoopWarning",
+    "ConfigurationError",
+    "ConfigurationWarning",
+    "LazyLoadOnEventLoopError",
+    "NoSessionError",
+    "SessionClosedError",
+    "SessionOwnershipError",
+    "ThreadpoolSessionError",
+    "TransactionInterruptedError",
+]
+
+
+class ThreadpoolSessionError(Exception):
+    """Base class of every error raised by sqlalchemy-threadpool itself."""
+
+
+class NoSessionError(ThreadpoolSessionError, LookupError):
+    """``current_session()`` was called where no session is bound."""
+
+
+class SessionClosedError(ThreadpoolSessionError):
+    """IO was attempted on a session whose scope has already ended."""
+
+
+class ConfigurationError(ThreadpoolSessionError, ValueError):
+    """A session maker was configured in a way that cannot work."""
+
+
+class AdmissionTimeoutError(ThreadpoolSessionError, TimeoutError):
+    """A session waited longer than the admission timeout for connection capacity."""
+
+
+class SessionOwnershipError(ThreadpoolSessionError):
+    """A session made with ``strict=True`` was used from a task that does not own it."""
+
+
+class TransactionInterruptedError(ThreadpoolSessionError):
+    """The session's unit of work failed because a call of it was interrupted.
+
+    A call was cancelled or timed out (or ``shutdown()`` stopped it) while its worker was
+    inside the session. The transaction was rolled back then and there, so ``commit()`` and any
+    other IO raise this error, instead of committing half a unit of work, until
+    ``rollback()`` (or ``close()``) acknowledges it.
+    """
+
+
+class BlockingOnEventLoopError(ThreadpoolSessionError, sa_exc.InvalidRequestError):
+    """SQL was about to run on the event-loop thread, which would block every task."""
+
+
+class LazyLoadOnEventLoopError(BlockingOnEventLoopError):
+    """An attribute load (lazy relationship, deferred or expired column) on the loop thread."""
+
+
+class BlockingOnEventLoopWarning(UserWarning):
+    """Emitted instead of :class:`BlockingOnEventLoopError` when the guard is in "warn" mode."""
+
+
+class ConfigurationWarning(UserWarning):
+    """A session maker works, but is configured below what its pool allows."""

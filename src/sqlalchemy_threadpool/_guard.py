@@ -1,0 +1,382 @@
+"""The guard: no SQL of our sessions runs on the event-loop thread unnoticed.
+
+It decides **by thread**: SQL in a worker thread is what the library is for; SQL on a thread
+that is running an asyncio or trio event loop would block every task. Which async library the
+*context* says is running (sniffio, anyio) does not matter: worker threads inherit a copy of
+the loop's context, and they must never trip the guard. Built on SQLAlchemy events only, in
+two lines:
+
+1. Session events on the sessions a maker makes, which fire before any SQL is sent and, except
+   for ``after_begin``, before a connection is checked out: ``do_orm_execute`` (lazy
+   relationship loads, deferred and expired column loads, ``get``, ``refresh``, any statement
+   run through the session), ``before_flush``, ``before_commit``, and ``after_begin`` (a
+   connection procured on the loop by any other path, e.g. ``Session.connection()``).
+2. On the connections our sessions hold (and only while they hold them), the engine's
+   ``before_cursor_execute`` and ``commit``: SQL sent through a ``Connection`` obtained from
+   the session.
+
+``rollback()`` and ``close()`` are deliberately not intercepted: raising there cannot stop the
+IO (the pool rolls the connection back when it is returned) and would leak or poison the
+connection; the facade runs them in a worker anyway.
+
+Modes: ``"raise"`` raises :class:`LazyLoadOnEventLoopError` / :class:`BlockingOnEventLoopError`
+before the statement is sent; ``"warn"`` emits one :class:`BlockingOnEventLoopWarning` per
+occurrence (a flush or a commit is one occurrence, however many statements it sends) and lets
+the IO proceed; ``"off"`` installs nothing. :class:`allow_blocking` lets the current context
+block on purpose.
+
+In worker threads (the hot path) each hook costs one thread check; bookkeeping is once per
+transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import threading
+import warnings
+import weakref
+from collections.abc import Callable
+from contextvars import ContextVar, Token
+from types import TracebackType
+from typing import Any, Literal
+
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.orm import (
+    ColumnProperty,
+    ORMExecuteState,
+    RelationshipProperty,
+    Session,
+    SessionTransaction,
+    sessionmaker,
+)
+
+from ._exceptions import (
+    BlockingOnEventLoopError,
+    BlockingOnEventLoopWarning,
+    LazyLoadOnEventLoopError,
+)
+
+__all__ = ["GuardMode", "allow_blocking", "install_guard", "on_event_loop_thread"]
+
+GuardMode = Literal["raise", "warn", "off"]
+
+_allowed: ContextVar[bool] = ContextVar("sqlalchemy_threadpool_allow_blocking", default=False)
+_get_running_loop = asyncio._get_running_loop
+#: ``trio.lowlevel.in_trio_run``, looked up once trio has been imported (no trio, no trio run).
+_in_trio_run: Callable[[], bool] | None = None
+
+
+def on_event_loop_thread() -> bool:
+    """Whether the calling thread is running an asyncio or trio event loop right now."""
+    global _in_trio_run
+    if _get_running_loop() is not None:
+        return True
+    if _in_trio_run is None:
+        trio = sys.modules.get("trio")
+        if trio is None:
+            return False
+        _in_trio_run = trio.lowlevel.in_trio_run
+    return _in_trio_run()
+
+
+def _blocked() -> bool:
+    return on_event_loop_thread() and not _allowed.get()
+
+
+class allow_blocking:
+    """Let the current context run SQL on the event-loop thread on purpose.
+
+    Usable as ``with allow_blocking():`` and ``async with allow_blocking():``. It only affects
+    the current context (the current task and what it awaits), never other tasks, and ends
+    with the block. Meant for start-up code, tests and deliberate one-off blocking calls.
+    """
+
+    __slots__ = ("_tokens",)
+
+    def __init__(self) -> None:
+        self._tokens: list[Token[bool]] = []
+
+    def __enter__(self) -> None:
+        self._tokens.append(_allowed.set(True))
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        _allowed.reset(self._tokens.pop())
+
+    async def __aenter__(self) -> None:
+        self.__enter__()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.__exit__(exc_type, exc, tb)
+
+
+class _SessionGuard:
+    """What the guard knows about one session: its mode, its connections, what it reported."""
+
+    __slots__ = ("__weakref__", "connections", "mode", "reporting")
+
+    def __init__(self, mode: GuardMode) -> None:
+        self.mode: GuardMode = mode
+        #: Connections the session's current root transaction holds.
+        self.connections: list[Connection] = []
+        #: In "warn" mode, the operation already reported ("flush", "commit"): the statements
+        #: it sends are that one occurrence, not new ones.
+        self.reporting: str | None = None
+
+
+_sessions: weakref.WeakKeyDictionary[Session, _SessionGuard] = weakref.WeakKeyDictionary()
+#: Connections held by our sessions right now, and whose they are.
+_owned: weakref.WeakKeyDictionary[Connection, _SessionGuard] = weakref.WeakKeyDictionary()
+#: Engines that carry our connection-level listeners.
+_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
+_engines_lock = threading.Lock()
+
+
+def _guard_of(session: Session, mode: GuardMode) -> _SessionGuard:
+    guard = _sessions.get(session)
+    if guard is None:
+        guard = _sessions.setdefault(session, _SessionGuard(mode))
+    return guard
+
+
+def _watch_engine(engine: Engine) -> None:
+    """Add the connection-level listeners to ``engine``, once."""
+    with _engines_lock:
+        if engine in _engines:
+            return
+        event.listen(engine, "before_cursor_execute", _before_cursor_execute)
+        event.listen(engine, "commit", _commit)
+        _engines.add(engine)
+
+
+def install_guard(maker: sessionmaker[Any], mode: GuardMode) -> None:
+    """Install the guard on every session ``maker`` makes."""
+    if mode == "off":
+        return
+    binds = [maker.kw.get("bind"), *(maker.kw.get("binds") or {}).values()]
+    for bind in binds:
+        if isinstance(bind, (Engine, Connection)):
+            _watch_engine(bind.engine)
+
+    def do_orm_execute(state: ORMExecuteState) -> Any:
+        if not _blocked():
+            return None
+        guard = _guard_of(state.session, mode)
+        if guard.reporting is not None:
+            return None  # part of a flush or commit already reported
+        _report(mode, *_describe(state))
+        with allow_blocking():  # "warn": one warning per occurrence, the IO below is this one
+            return state.invoke_statement()
+
+    def before_flush(session: Session, flush_context: Any, instances: Any) -> None:
+        if _blocked():
+            guard = _guard_of(session, mode)
+            if guard.reporting is None:
+                _report(mode, _statement_message("Session.flush() of pending changes"))
+                guard.reporting = "flush"
+
+    def before_commit(session: Session) -> None:
+        if not _blocked():
+            return
+        guard = _guard_of(session, mode)
+        if guard.reporting is None and (
+            guard.connections or session.new or session.deleted or session.dirty
+        ):
+            _report(mode, _statement_message("Session.commit() (flush and COMMIT)"))
+            guard.reporting = "commit"
+
+    def after_begin(session: Session, transaction: SessionTransaction, conn: Connection) -> None:
+        guard = _guard_of(session, mode)
+        if _owned.get(conn) is not guard:
+            _owned[conn] = guard
+            guard.connections.append(conn)
+            if conn.engine not in _engines:
+                _watch_engine(conn.engine)
+        if guard.reporting is None and _blocked():
+            _report(mode, _statement_message("Checking out a database connection"))
+
+    def after_transaction_end(session: Session, transaction: SessionTransaction) -> None:
+        if transaction.parent is None:
+            guard = _sessions.get(session)
+            if guard is not None:
+                guard.reporting = None
+                for conn in guard.connections:
+                    if _owned.get(conn) is guard:
+                        del _owned[conn]
+                guard.connections.clear()
+
+    event.listen(maker, "do_orm_execute", do_orm_execute)
+    event.listen(maker, "before_flush", before_flush)
+    event.listen(maker, "before_commit", before_commit)
+    event.listen(maker, "after_begin", after_begin)
+    event.listen(maker, "after_transaction_end", after_transaction_end)
+    if mode == "warn":
+        event.listen(maker, "after_flush_postexec", _end_of("flush"))
+        event.listen(maker, "after_commit", _end_of("commit"))
+        event.listen(maker, "after_soft_rollback", _end_of(None))
+
+
+def _end_of(operation: str | None) -> Any:
+    """A hook that ends the reported ``operation`` (any, for ``None``) of a session."""
+
+    def end(session: Session, *args: Any) -> None:
+        guard = _sessions.get(session)
+        if guard is not None and (operation is None or guard.reporting == operation):
+            guard.reporting = None
+
+    return end
+
+
+def _before_cursor_execute(
+    conn: Connection, cursor: Any, statement: str, *args: Any, **kwargs: Any
+) -> None:
+    if _blocked():
+        _check_connection(conn, f"The statement {_short(statement)!r}")
+
+
+def _commit(conn: Connection) -> None:
+    if _blocked():
+        _check_connection(conn, "COMMIT")
+
+
+def _check_connection(conn: Connection, what: str) -> None:
+    guard = _owned.get(conn)
+    if guard is None or guard.reporting is not None:
+        return  # not held by one of our sessions (the application's business), or reported
+    _report(guard.mode, _statement_message(f"{what}, on a connection of a threadpool session,"))
+
+
+def _report(
+    mode: GuardMode, message: str, error: type[BlockingOnEventLoopError] = BlockingOnEventLoopError
+) -> None:
+    if mode == "raise":
+        raise error(message)
+    warnings.warn(message, BlockingOnEventLoopWarning, stacklevel=_caller_stacklevel())
+
+
+_PACKAGES = ("sqlalchemy", __name__.rpartition(".")[0])
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` of the first frame outside SQLAlchemy and this package.
+
+    Counted for a ``warnings.warn`` called by the function that calls this one.
+    """
+    frame = sys._getframe(1)
+    level = 1
+    while frame.f_back is not None:
+        module = frame.f_globals.get("__name__", "")
+        if not any(module == name or module.startswith(name + ".") for name in _PACKAGES):
+            return level
+        frame = frame.f_back
+        level += 1
+    return level
+
+
+# -- messages: what happened, and how to fix it --------------------------------------------
+
+_FIXES = (
+    "await the session's own method instead (`await sess.execute(...)`, `await sess.flush()`, "
+    "`await sess.commit()`, ...) or run the code in a worker with `await sess.run(lambda s: "
+    "...)`; if blocking here is deliberate (start-up code, a test), wrap it in "
+    "`with allow_blocking():`"
+)
+
+
+def _statement_message(what: str) -> str:
+    return (
+        f"{what} was about to run on the event-loop thread: it would block every other task "
+        f"until the database answers. Fix: {_FIXES}."
+    )
+
+
+def _describe(state: ORMExecuteState) -> tuple[str, type[BlockingOnEventLoopError]]:
+    """The message for a statement about to run through the session, and its error class."""
+    try:
+        if getattr(state.load_options, "_is_user_refresh", False):
+            return _statement_message(f"Session.refresh() of a {_owner(state)}"), (
+                BlockingOnEventLoopError
+            )
+        if state.is_relationship_load:
+            return _relationship_message(state), LazyLoadOnEventLoopError
+        if state.is_column_load:
+            return _column_message(state), LazyLoadOnEventLoopError
+        what = f"Session.execute() of {_short(str(state.statement))!r}"
+    except Exception:  # the message must never hide the error, nor replace it
+        if state.is_relationship_load or state.is_column_load:
+            return (
+                "An attribute load on the event-loop thread would send a SELECT and block every "
+                "other task. Fix: eager-load it in the query, or load it in a worker with "
+                "`await sess.load(obj, 'attribute')`.",
+                LazyLoadOnEventLoopError,
+            )
+        what = f"Session.execute() of a {type(state.statement).__name__}"
+    return _statement_message(what), BlockingOnEventLoopError
+
+
+def _owner(state: ORMExecuteState) -> str:
+    refresh_state = getattr(state.load_options, "_refresh_state", None)
+    mapper = refresh_state.mapper if refresh_state is not None else state.bind_mapper
+    return mapper.class_.__name__ if mapper is not None else "object"
+
+
+def _relationship_message(state: ORMExecuteState) -> str:
+    attribute = "the relationship"
+    path = state.loader_strategy_path
+    for element in reversed(list(path.path) if path is not None else []):
+        if isinstance(element, RelationshipProperty):
+            attribute = f"{element.parent.class_.__name__}.{element.key}"
+            break
+    key = attribute.rpartition(".")[2]
+    return (
+        f"Lazy load of {attribute} on the event-loop thread: it would send a SELECT and block "
+        "every other task. Fix one of: eager-load it in the query "
+        f"(`.options(selectinload({attribute}))`); load it in a worker "
+        f"(`await sess.load(obj, {key!r})`, or read it inside `await sess.run(...)`); or "
+        'declare the relationship with `lazy="raise"` to find every such access.'
+    )
+
+
+def _column_message(state: ORMExecuteState) -> str:
+    refresh_state = getattr(state.load_options, "_refresh_state", None)
+    options = state._orm_compile_options()
+    names: set[str] = set(getattr(options, "_only_load_props", None) or ())
+    mapper = refresh_state.mapper if refresh_state is not None else state.bind_mapper
+    owner = _owner(state)
+    if mapper is not None:
+        columns = {key for key in names if isinstance(mapper.attrs.get(key), ColumnProperty)}
+        names = columns or names
+    listed = ", ".join(f"{owner}.{name}" for name in sorted(names)) or f"the columns of {owner}"
+    key = sorted(names)[0] if len(names) == 1 else "attribute"
+    expired = refresh_state is not None and bool(names & refresh_state.expired_attributes)
+    if not expired:
+        return (
+            f"Loading the deferred column {listed} on the event-loop thread would send a "
+            "SELECT and block every other task. Fix one of: load it in the query "
+            f"(`.options(undefer({listed}))`); or load it in a worker "
+            f"(`await sess.load(obj, {key!r})`, or `await sess.refresh(obj, [{key!r}])`)."
+        )
+    return (
+        f"Loading the expired attributes {listed} on the event-loop thread would send a "
+        "SELECT and block every other task (they were expired by a commit with "
+        "`expire_on_commit=True`, by `expire()` or by a rollback). Fix one of: keep "
+        "`expire_on_commit=False` (the maker's default); reload them in a worker "
+        f"(`await sess.refresh(obj)` or `await sess.load(obj, {key!r})`); or read them inside "
+        "`await sess.run(...)`."
+    )
+
+
+def _short(statement: str, limit: int = 120) -> str:
+    statement = " ".join(statement.split())
+    return statement if len(statement) <= limit else statement[: limit - 3] + "..."

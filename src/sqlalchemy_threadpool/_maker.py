@@ -1,0 +1,252 @@
+"""``threadpool_sessionmaker``: configuration, the capacity limiter, and session creation.
+
+The maker is to :class:`ThreadpoolSession` what :class:`~sqlalchemy.ext.asyncio.async_sessionmaker`
+is to ``AsyncSession``. It owns one :class:`anyio.CapacityLimiter` sized to what the engine's
+pool can really hand out (invariant 6: the thread pool never outgrows the connection pool), and
+installs on the sessions it makes the row pre-buffering and the event-loop guard.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from types import TracebackType
+from typing import Any, Literal
+
+import anyio
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.orm import ORMExecuteState, Session, sessionmaker
+from sqlalchemy.pool import (
+    AssertionPool,
+    NullPool,
+    Pool,
+    QueuePool,
+    SingletonThreadPool,
+    StaticPool,
+)
+
+from ._cancel import canceller_for
+from ._exceptions import ConfigurationError, ConfigurationWarning
+from ._guard import GuardMode, install_guard
+from ._offload import CLEANUP_TIMEOUT, Offloader, install_offload_events
+from ._session import ThreadpoolSession
+
+__all__ = ["threadpool_sessionmaker"]
+
+#: Tokens when the pool does not bound connections (NullPool, unlimited overflow): as many
+#: threads as anyio's own default limiter allows.
+UNBOUNDED_POOL_TOKENS = 40
+
+
+class threadpool_sessionmaker:
+    """A factory of :class:`ThreadpoolSession` objects, configured once per engine.
+
+    :param bind: the :class:`~sqlalchemy.engine.Engine` (or ``Connection``) sessions use.
+    :param limiter: how many sessions may hold a connection (and so run a worker thread) at
+        once: an ``int`` or an :class:`anyio.CapacityLimiter`. Defaults to what the pool can
+        really hand out: ``pool_size + max_overflow`` for a ``QueuePool``, 1 for a
+        single-connection pool, 40 for an unbounded one. A value above the pool's capacity is
+        an error (threads would wait in pool checkout); a value below it gets a warning.
+    :param guard: what to do when a session's SQL is about to run on the event-loop thread:
+        ``"raise"`` (default), ``"warn"`` or ``"off"``. See :func:`allow_blocking`.
+    :param admission_timeout: seconds a session may wait for connection capacity before
+        :class:`AdmissionTimeoutError`; ``"pool"`` (default) uses the pool's own ``timeout``
+        (30 s unless configured), ``None`` waits forever.
+    :param cancel_statements: when an awaiting task is cancelled or times out, ask the database
+        to stop the statement in flight (psycopg2 ``cancel()``, MySQL/MariaDB ``KILL QUERY``,
+        sqlite3 ``interrupt()``). Default ``True``. See the cancellation docs.
+    :param cleanup_timeout: seconds an interrupted call may take to stop its statement, and
+        then to roll back, before the connection is cut and invalidated. Default 5.
+    :param strict: each session belongs to the task that created it (or first used it); use
+        from any other task raises :class:`SessionOwnershipError`. By default (``False``)
+        tasks sharing a session take turns.
+    :param session_kw: passed to :class:`~sqlalchemy.orm.sessionmaker`. ``expire_on_commit``
+        defaults to ``False`` (reading an expired attribute would be IO on the event loop).
+    """
+
+    def __init__(
+        self,
+        bind: Engine | Connection | None = None,
+        *,
+        limiter: int | anyio.CapacityLimiter | None = None,
+        guard: GuardMode = "raise",
+        admission_timeout: float | Literal["pool"] | None = "pool",
+        cancel_statements: bool = True,
+        cleanup_timeout: float = CLEANUP_TIMEOUT,
+        strict: bool = False,
+        sync_session_class: type[Session] = Session,
+        **session_kw: Any,
+    ) -> None:
+        if guard not in ("raise", "warn", "off"):
+            raise ConfigurationError(f"guard must be 'raise', 'warn' or 'off', not {guard!r}.")
+        session_kw.setdefault("expire_on_commit", False)
+        _check_sqlite_memory(bind)
+        self.sync_maker: sessionmaker[Session] = sessionmaker(
+            bind, class_=sync_session_class, **session_kw
+        )
+        self.guard: GuardMode = guard
+        self.limiter: anyio.CapacityLimiter = _make_limiter(bind, limiter)
+        self.admission_timeout: float | None = (
+            _pool_timeout(bind) if admission_timeout == "pool" else admission_timeout
+        )
+        self.cancel_statements = cancel_statements
+        self._canceller = canceller_for(bind) if cancel_statements else None
+        self.cleanup_timeout = cleanup_timeout
+        self.strict = strict
+        event.listen(self.sync_maker, "do_orm_execute", _prebuffer_rows)
+        install_offload_events(self.sync_maker)
+        install_guard(self.sync_maker, guard)
+
+    def __call__(self, **local_kw: Any) -> ThreadpoolSession:
+        """A new session; ``local_kw`` overrides the maker's sessionmaker arguments."""
+        sync_session = self.sync_maker(**local_kw)
+        offloader = Offloader(
+            sync_session,
+            self.limiter,
+            admission_timeout=self.admission_timeout,
+            canceller=self._canceller,
+            cleanup_timeout=self.cleanup_timeout,
+            strict=self.strict,
+        )
+        return ThreadpoolSession(sync_session, offloader, self)
+
+    def begin(self) -> _BeginContext:
+        """``async with maker.begin() as sess:`` commits on success, rolls back on error."""
+        return _BeginContext(self())
+
+    def configure(self, **new_kw: Any) -> None:
+        """Reconfigure the underlying sessionmaker, as :meth:`sessionmaker.configure`."""
+        self.sync_maker.configure(**new_kw)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(bind={self.sync_maker.kw.get('bind')!r}, "
+            f"limiter={self.limiter.total_tokens:g}, guard={self.guard!r})"
+        )
+
+
+class _BeginContext:
+    __slots__ = ("session",)
+
+    def __init__(self, session: ThreadpoolSession) -> None:
+        self.session = session
+
+    async def __aenter__(self) -> ThreadpoolSession:
+        return self.session
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.session.end(commit=exc_type is None, reason="its `maker.begin()` block exited")
+
+
+def _prebuffer_rows(state: ORMExecuteState) -> None:
+    """ORM results are fully loaded in the worker, as AsyncSession does, unless streaming."""
+    options = state.execution_options
+    if not options.get("stream_results") and not options.get("yield_per"):
+        state.update_execution_options(prebuffer_rows=True)
+
+
+def _engine_of(bind: Engine | Connection | None) -> Engine | None:
+    if isinstance(bind, Connection):
+        return bind.engine
+    return bind
+
+
+def pool_capacity(bind: Engine | Connection | None) -> float | None:
+    """How many connections the bind can hand out at once (``math.inf``: no bound)."""
+    if isinstance(bind, Connection):
+        return 1
+    if bind is None:
+        return None
+    pool: Pool = bind.pool
+    if isinstance(pool, QueuePool):
+        overflow = pool._max_overflow
+        return math.inf if overflow < 0 else pool.size() + overflow
+    if isinstance(pool, (StaticPool, AssertionPool)):
+        return 1
+    if isinstance(pool, SingletonThreadPool):
+        return pool.size
+    if isinstance(pool, NullPool):
+        return math.inf
+    return None
+
+
+def _make_limiter(
+    bind: Engine | Connection | None, limiter: int | anyio.CapacityLimiter | None
+) -> anyio.CapacityLimiter:
+    capacity = pool_capacity(bind)
+    if limiter is None:
+        if capacity is None or capacity == math.inf:
+            return anyio.CapacityLimiter(UNBOUNDED_POOL_TOKENS)
+        return anyio.CapacityLimiter(int(capacity))
+    if isinstance(limiter, bool) or not isinstance(limiter, (int, anyio.CapacityLimiter)):
+        raise ConfigurationError(
+            f"limiter must be an int or an anyio.CapacityLimiter, not {type(limiter).__name__}."
+        )
+    tokens = limiter if isinstance(limiter, int) else limiter.total_tokens
+    if tokens < 1:
+        raise ConfigurationError(f"limiter must allow at least 1 session, not {tokens}.")
+    if capacity is not None and tokens > capacity:
+        raise ConfigurationError(
+            f"limiter={tokens:g} is larger than the connection pool ({capacity:g} connections: "
+            "pool_size + max_overflow). Sessions admitted beyond the pool would block worker "
+            "threads in pool checkout and can deadlock. Omit limiter= to follow the pool, or "
+            "grow the pool (create_engine(..., pool_size=N, max_overflow=M))."
+        )
+    if capacity is not None and tokens < capacity and capacity != math.inf:
+        warnings.warn(
+            f"limiter={tokens:g} is smaller than the connection pool ({capacity:g} "
+            "connections): at most that many sessions will run at once and the rest of the "
+            "pool stays idle. Omit limiter= to follow the pool.",
+            ConfigurationWarning,
+            stacklevel=3,
+        )
+    return limiter if isinstance(limiter, anyio.CapacityLimiter) else anyio.CapacityLimiter(tokens)
+
+
+def _pool_timeout(bind: Engine | Connection | None) -> float:
+    engine = _engine_of(bind)
+    if engine is not None and isinstance(engine.pool, QueuePool):
+        return engine.pool.timeout()
+    return 30.0
+
+
+def _check_sqlite_memory(bind: Engine | Connection | None) -> None:
+    engine = _engine_of(bind)
+    if engine is not None and engine.dialect.name == "duckdb":
+        _check_duckdb_memory(engine)
+    if engine is None or engine.dialect.name != "sqlite":
+        return
+    url = engine.url
+    in_memory = url.database in (None, "", ":memory:") or url.query.get("mode") == "memory"
+    if in_memory and isinstance(engine.pool, SingletonThreadPool):
+        raise ConfigurationError(
+            "This SQLite engine is in memory with SingletonThreadPool, which gives every "
+            "thread its own empty database: tables created in one worker thread would be "
+            "missing in the next. Share one connection across threads instead:\n"
+            "    create_engine('sqlite://', poolclass=StaticPool, "
+            "connect_args={'check_same_thread': False})\n"
+            "(from sqlalchemy.pool import StaticPool), or use a file database."
+        )
+
+
+def _check_duckdb_memory(engine: Engine) -> None:
+    """``duckdb://`` and ``duckdb:///:memory:`` give each connection its own private database."""
+    if engine.url.database not in (None, "", ":memory:"):
+        return  # a file, or a named in-memory database (":memory:NAME") shared by connections
+    if isinstance(engine.pool, (StaticPool, AssertionPool)):
+        return
+    raise ConfigurationError(
+        f"This DuckDB engine is in memory with {type(engine.pool).__name__}, which gives every "
+        "connection (and so every worker thread) its own empty database: tables created in one "
+        "session would be missing in the next. Use a named in-memory database, which all "
+        "connections of the process share:\n"
+        "    create_engine('duckdb:///:memory:app')\n"
+        "or one shared connection, create_engine('duckdb:///:memory:', poolclass=StaticPool), "
+        "or a database file."
+    )

@@ -1,0 +1,522 @@
+"""The single path from the event loop to worker threads, and what happens when it is cut.
+
+Every IO call of a :class:`~sqlalchemy_threadpool.ThreadpoolSession` goes through
+:meth:`Offloader.call` (the end of a unit of work through :meth:`Offloader.finish`); no other
+module starts session work in a thread. One ``Offloader`` belongs to one session and enforces,
+in this order:
+
+1. **Scope and ownership**: a session whose scope has ended raises
+   :class:`SessionClosedError` at once; a ``strict`` session used from a task other than its
+   owner raises :class:`SessionOwnershipError`.
+2. **Serialisation**: an :class:`anyio.Lock` per session, so calls of one session never overlap
+   and waiting for a turn occupies no thread.
+3. **Admission**: the maker's :class:`anyio.CapacityLimiter` is sized to the connection pool.
+   A session takes one token before its first call and gives it back once it no longer holds
+   a transaction (after commit, rollback or close). Only admitted sessions run threads and
+   hold connections, so a session holding a connection never waits for a thread, threads
+   never wait in pool checkout, and waiting for capacity is a plain cancellable await.
+4. **Interruption**: the worker is started with ``abandon_on_cancel=True`` so a cancellation
+   is seen at once; a callable that had not started yet never runs. One that had started is
+   *stopped*: the database is asked to cancel the statement in flight (``_cancel``), again
+   until the worker leaves, and the abandoned callable may not start another statement; if it
+   is still inside after the cleanup deadline its connection's socket is shut down. Then the
+   unit of work is *failed*, whatever the worker returned: it is rolled back and closed in a
+   worker within the cleanup deadline (the connection invalidated instead if that fails, or
+   if a ``BaseException`` escaped the worker), and every later call but ``rollback()`` /
+   ``close()`` raises :class:`TransactionInterruptedError`. All of this is shielded, and the
+   original cancellation (or ``TimeoutError``) is what propagates.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import weakref
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import anyio
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from ._cancel import cancel_statements, session_connections, sever, track_connections
+from ._exceptions import (
+    AdmissionTimeoutError,
+    SessionClosedError,
+    SessionOwnershipError,
+    ThreadpoolSessionError,
+    TransactionInterruptedError,
+)
+
+if TYPE_CHECKING:
+    from ._cancel import StatementCanceller
+
+__all__ = ["Offloader", "admitted_offloaders", "discard_session", "install_offload_events"]
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Seconds a cleanup (stopping the statement, then rolling back) may take before the
+#: connection is cut: the maker's ``cleanup_timeout`` default.
+CLEANUP_TIMEOUT = 5.0
+
+_SHUTDOWN = "shutdown() stopped its call in flight"
+
+#: First pause between two cancel requests while an interrupted worker is still inside.
+_FIRST_RECANCEL_PAUSE = 0.05
+
+#: The call each worker thread is running (set by ``_WorkerCall.run``), read by the SQLAlchemy
+#: event listeners below, which fire in that same thread.
+_local = threading.local()
+
+#: Admitted sessions (they may hold a connection), for ``shutdown()``.
+_admitted: weakref.WeakSet[Offloader] = weakref.WeakSet()
+
+
+class _CallAbandoned(ThreadpoolSessionError):
+    """Raised inside an abandoned callable that tries to start another statement."""
+
+
+class _WorkerCall:
+    """One callable handed to a worker thread, with the start/finish handshake.
+
+    The lock makes "has it started?" and "abandon it" one atomic decision, so a call that the
+    event loop gave up on before a thread picked it up is never run.
+    """
+
+    __slots__ = (
+        "_fn",
+        "_lock",
+        "abandoned",
+        "aborted",
+        "committed",
+        "committing",
+        "error",
+        "finished",
+        "started",
+    )
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self._fn = fn
+        self._lock = threading.Lock()
+        self.abandoned = False  # given up on: it may not start, nor start another statement
+        self.aborted = False  # shutdown() gave up on it
+        self.started = False
+        self.committing = False  # a root Session.commit() began in it
+        self.committed = False  # ... and the database committed
+        self.error: BaseException | None = None
+        self.finished = threading.Event()
+
+    def run(self) -> Any:
+        with self._lock:
+            if self.abandoned:
+                return None
+            self.started = True
+        outer = getattr(_local, "call", None)
+        _local.call = self
+        try:
+            return self._fn()
+        except BaseException as exc:
+            self.error = exc
+            raise
+        finally:
+            _local.call = outer
+            self.finished.set()
+
+    def abandon(self) -> bool:
+        """Stop the call from starting; return whether it had already started."""
+        with self._lock:
+            self.abandoned = True
+            return self.started
+
+
+# -- SQLAlchemy events, installed on the makers' sessionmakers --------------------------
+
+_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
+_engines_lock = threading.Lock()
+
+
+def install_offload_events(maker: sessionmaker[Any]) -> None:
+    """Let the offload path see the connections and commits of the sessions ``maker`` makes."""
+    event.listen(maker, "after_begin", _after_begin)
+    event.listen(maker, "before_commit", _before_commit)
+    event.listen(maker, "after_commit", _after_commit)
+
+
+def _after_begin(session: Session, transaction: Any, connection: Connection) -> None:
+    track_connections(session, transaction, connection)
+    engine = connection.engine
+    if engine not in _engines:
+        with _engines_lock:
+            if engine not in _engines:
+                event.listen(engine, "before_cursor_execute", _refuse_if_abandoned)
+                _engines.add(engine)
+
+
+def _refuse_if_abandoned(conn: Connection, *args: Any) -> None:
+    call: _WorkerCall | None = getattr(_local, "call", None)
+    if call is not None and call.abandoned:
+        raise _CallAbandoned(
+            "The task awaiting this call was cancelled (or shutdown() stopped it) while it ran "
+            "in a worker thread; its transaction is being rolled back, so it may not start "
+            "another statement."
+        )
+
+
+def _before_commit(session: Session) -> None:
+    call: _WorkerCall | None = getattr(_local, "call", None)
+    if call is not None and not session.in_nested_transaction():
+        call.committing = True
+
+
+def _after_commit(session: Session) -> None:
+    call: _WorkerCall | None = getattr(_local, "call", None)
+    if call is not None and call.committing:
+        call.committed = True
+
+
+def discard_session(session: Session, invalidate: bool) -> None:
+    """Roll back and close (in a worker); invalidate the connection instead if that fails."""
+    if not invalidate:
+        try:
+            session.rollback()
+            session.close()
+            return
+        except Exception:
+            logger.warning(
+                "rolling back failed; invalidating the session's connection instead of "
+                "returning it to the pool",
+                exc_info=True,
+            )
+    try:
+        session.invalidate()
+    except Exception:
+        logger.warning("invalidating the session's connection failed", exc_info=True)
+
+
+def admitted_offloaders(engine: Engine) -> list[Offloader]:
+    """The admitted sessions (those that may hold a connection) that use ``engine``."""
+    return [offloader for offloader in list(_admitted) if offloader.uses(engine)]
+
+
+class Offloader:
+    """Runs the calls of one sync :class:`~sqlalchemy.orm.Session` in worker threads."""
+
+    __slots__ = (
+        "__weakref__",
+        "_admission_timeout",
+        "_admitted",
+        "_canceller",
+        "_cleanup_timeout",
+        "_closed_reason",
+        "_current",
+        "_failure",
+        "_limiter",
+        "_lock",
+        "_owner",
+        "_strict",
+        "_threads",
+        "session",
+    )
+
+    def __init__(
+        self,
+        session: Session,
+        limiter: anyio.CapacityLimiter,
+        *,
+        admission_timeout: float | None,
+        canceller: StatementCanceller | None,
+        cleanup_timeout: float = CLEANUP_TIMEOUT,
+        strict: bool = False,
+    ) -> None:
+        self.session = session
+        self._limiter = limiter
+        self._admission_timeout = admission_timeout
+        self._canceller = canceller
+        self._cleanup_timeout = cleanup_timeout
+        self._strict = strict
+        self._owner: tuple[int, str] | None = _current_task() if strict else None
+        # ``None`` when made outside a task: the first task that uses it becomes the owner.
+        self._lock = anyio.Lock()
+        self._threads: anyio.CapacityLimiter | None = None
+        self._admitted = False
+        self._closed_reason: str | None = None
+        self._failure: str | None = None
+        self._current: _WorkerCall | None = None
+
+    # -- scope, ownership, failure -----------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._closed_reason is not None
+
+    @property
+    def interrupted(self) -> bool:
+        """Whether the unit of work failed by an interruption and was not rolled back since."""
+        return self._failure is not None
+
+    def end_scope(self, reason: str) -> None:
+        """Refuse every later call: the session's scope has ended."""
+        self._closed_reason = reason
+
+    def check_open(self) -> None:
+        if self._closed_reason is not None:
+            raise SessionClosedError(
+                f"This session's scope has ended ({self._closed_reason}); it cannot run SQL "
+                "any more. Use the session only inside its `async with threadpool_session(...)` "
+                "or `async with maker() as sess` block, or open a new one."
+            )
+
+    def check_usable(self) -> None:
+        """Raise :class:`TransactionInterruptedError` if the unit of work has failed."""
+        if self._failure is not None:
+            raise TransactionInterruptedError(
+                f"This session's unit of work failed: {self._failure}. Call "
+                "`await sess.rollback()` to acknowledge it and start a new transaction, or let "
+                "the `threadpool_session()` block end."
+            )
+
+    def _check_owner(self) -> None:
+        if not self._strict:
+            return
+        task = _current_task()
+        if task is None:
+            return
+        if self._owner is None:
+            self._owner = task
+        elif task[0] != self._owner[0]:
+            raise SessionOwnershipError(
+                f"This session belongs to task {self._owner[1]!r} and was used from task "
+                f"{task[1]!r}; its maker has strict=True, so a session is never shared between "
+                "tasks. In a child task open a session of its own with "
+                "`async with threadpool_session(new=True) as sess:`, or hand the work back to "
+                "the owner task. (Without strict=True concurrent use is serialised instead.)"
+            )
+
+    def uses(self, engine: Engine) -> bool:
+        """Whether this session's connections (or its bind) come from ``engine``."""
+        if any(c.engine is engine for c in session_connections(self.session)):
+            return True
+        bind = self.session.bind
+        return bind is engine or (isinstance(bind, Connection) and bind.engine is engine)
+
+    # -- the path to the worker ----------------------------------------------------------
+
+    async def call(self, fn: Callable[[], T], *, recovers: bool = False) -> T:
+        """Run ``fn`` in a worker thread, serialised with the session's other calls.
+
+        ``recovers`` marks ``rollback()``/``close()``: they clear a failed unit of work.
+        """
+        self.check_open()
+        self._check_owner()
+        async with self._lock:
+            self.check_open()
+            if recovers:
+                self._failure = None
+            self.check_usable()
+            if not self._admitted:
+                await self._admit()
+            try:
+                return await self._dispatch(fn)  # type: ignore[no-any-return]
+            finally:
+                self._release_if_idle()
+
+    async def finish(self, *, commit: bool) -> None:
+        """End the unit of work: commit, or roll back; then close. Call it shielded.
+
+        A commit error propagates after the rollback. A failed unit of work is never
+        committed: with ``commit=True`` it raises :class:`TransactionInterruptedError`.
+        Cleanup is never refused, not even to a non-owner task.
+        """
+        async with self._lock:
+            failed = self._failure is not None
+            try:
+                if commit and not failed:
+                    if not self._admitted:
+                        await self._admit()
+                    await self._dispatch(self.session.commit)
+            finally:
+                await self._cleanup(invalidate=False)
+                self._release_if_idle()
+        if commit and failed:
+            self.check_usable()
+
+    async def _admit(self) -> None:
+        deadline = math.inf if self._admission_timeout is None else self._admission_timeout
+        with anyio.move_on_after(deadline) as scope:
+            await self._limiter.acquire_on_behalf_of(self)
+            self._admitted = True
+            _admitted.add(self)
+        if scope.cancelled_caught:
+            raise AdmissionTimeoutError(
+                f"No database connection became free within {self._admission_timeout:g} s: all "
+                f"{self._limiter.total_tokens:g} connections of the pool are held by other "
+                "sessions. Keep scopes short, raise pool_size/max_overflow (the maker's limiter "
+                "follows the pool), or pass a larger admission_timeout to the maker."
+            )
+
+    def _release_if_idle(self) -> None:
+        if self._admitted and not self.session.in_transaction():
+            self._admitted = False
+            _admitted.discard(self)
+            self._limiter.release_on_behalf_of(self)
+
+    async def _run(self, work: _WorkerCall) -> Any:
+        """Hand ``work`` to a worker thread and await it; cancellable at once."""
+        if self._threads is None:
+            # Threads are bounded by admission, not here: this limiter only exists so anyio
+            # does not count our calls against its default 40-token limiter.
+            self._threads = anyio.CapacityLimiter(math.inf)
+        return await anyio.to_thread.run_sync(
+            work.run, abandon_on_cancel=True, limiter=self._threads
+        )
+
+    async def _wait(self, work: _WorkerCall, seconds: float | None) -> bool:
+        """Wait (in a helper thread) until a started ``work`` has left; ``False`` if it has
+        not within ``seconds``. Abandoned at once if cancelled (by ``shutdown()``'s limit)."""
+        if work.finished.is_set():
+            return True
+        return await anyio.to_thread.run_sync(
+            work.finished.wait, seconds, abandon_on_cancel=True, limiter=self._threads
+        )
+
+    async def _dispatch(self, fn: Callable[[], Any]) -> Any:
+        work = _WorkerCall(fn)
+        self._current = work
+        try:
+            try:
+                value = await self._run(work)
+            except BaseException as exc:
+                own = exc is work.error
+                if own and isinstance(exc, Exception) and not work.aborted:
+                    raise  # the database's (or the callable's) own error: unchanged
+                with anyio.CancelScope(shield=True):
+                    if own and work.aborted:
+                        await self._fail(work, _SHUTDOWN, invalidate=False)
+                    elif own:  # a BaseException escaped the worker: connection state unknown
+                        what = f"{type(exc).__name__} escaped its worker thread"
+                        await self._fail(work, what, invalidate=True)
+                    elif work.abandon():  # interrupted while the worker was inside
+                        await self._stop(work)
+                        what = f"a call was interrupted by {type(exc).__name__} while it ran"
+                        await self._fail(work, what, invalidate=False)
+                if own and work.aborted and isinstance(exc, Exception):
+                    self.check_usable()  # raises, chained to the driver's "cancelled" error
+                raise
+            if work.aborted:
+                with anyio.CancelScope(shield=True):
+                    await self._fail(work, _SHUTDOWN, invalidate=False)
+                self.check_usable()
+            return value
+        finally:
+            self._current = None
+
+    async def _stop(self, work: _WorkerCall, sever_at: float | None = None) -> None:
+        """Make an interrupted worker leave: cancel its statement until it does; shielded."""
+        if self._canceller is None:
+            await self._wait(work, None)  # no mechanism, or cancel_statements=False
+            return
+        if sever_at is None:
+            sever_at = anyio.current_time() + self._cleanup_timeout
+        pause, loud = _FIRST_RECANCEL_PAUSE, True
+        while not work.finished.is_set():
+            await anyio.to_thread.run_sync(
+                cancel_statements,
+                self._canceller,
+                self.session,
+                work.finished,
+                loud,
+                limiter=self._threads,
+            )
+            loud = False
+            remaining = sever_at - anyio.current_time()
+            if remaining <= 0:
+                logger.warning(
+                    "the statement did not stop within %g s of being cancelled; shutting down "
+                    "its connection's socket",
+                    self._cleanup_timeout,
+                )
+                sever(self.session)
+                await self._wait(work, None)
+                return
+            await self._wait(work, min(pause, remaining))
+            pause = min(pause * 2, 1.0)
+
+    async def _fail(self, work: _WorkerCall, what: str, *, invalidate: bool) -> None:
+        """Mark the unit of work failed, then roll back and close it; shielded."""
+        if work.committing and work.committed:
+            outcome = "its COMMIT had reached the database, so the transaction IS committed"
+            logger.warning(
+                "commit() was interrupted (%s) after the database had committed: the "
+                "transaction IS committed, although the caller sees an interruption",
+                what,
+            )
+        elif work.committing:
+            outcome = "its commit() did not complete and it was rolled back"
+            logger.warning(
+                "commit() was interrupted (%s) while in flight: the database applies a "
+                "transaction entirely or not at all, and as far as the driver reported it "
+                "did not commit this one (if the connection was lost during COMMIT, check "
+                "before retrying)",
+                what,
+            )
+        else:
+            outcome = "its transaction was rolled back, nothing of it is committed"
+        if self._failure is None or work.aborted:
+            self._failure = f"{what}; {outcome}"
+        await self._cleanup(invalidate=invalidate)
+
+    async def _cleanup(self, *, invalidate: bool) -> None:
+        """Roll back and close within the cleanup deadline; invalidate on failure; shielded."""
+        session = self.session
+        if not invalidate and not session.in_transaction():
+            session.close()  # no transaction, so no connection: no IO
+            return
+        work = _WorkerCall(lambda: discard_session(session, invalidate))
+        with anyio.move_on_after(self._cleanup_timeout):
+            await self._run(work)
+            return
+        if not work.abandon():  # never started: try again, invalidating, without a deadline
+            await anyio.to_thread.run_sync(discard_session, session, True, limiter=self._threads)
+            return
+        if work.finished.is_set():
+            return
+        logger.warning(
+            "rolling back took longer than %g s; shutting down the connection's socket so it "
+            "is invalidated instead",
+            self._cleanup_timeout,
+        )
+        sever(session)
+        await self._wait(work, None)
+
+    # -- shutdown ------------------------------------------------------------------------
+
+    async def drain(self, reason: str, sever_at: float) -> None:
+        """Fail this session's unit of work from another task (``shutdown()``).
+
+        The statement in flight is cancelled (its connection cut at ``sever_at`` if it does
+        not stop); the awaiting task then sees :class:`TransactionInterruptedError`. An idle
+        session holding a transaction is rolled back here.
+        """
+        if self._failure is None:
+            self._failure = reason
+        work = self._current
+        if work is not None:
+            work.aborted = True
+            if work.abandon():  # started: stop it; else it never will
+                await self._stop(work, sever_at)
+        async with self._lock:
+            if self.session.in_transaction():
+                await self._cleanup(invalidate=False)
+            self._release_if_idle()
+
+
+def _current_task() -> tuple[int, str] | None:
+    try:
+        task = anyio.get_current_task()
+    except RuntimeError:  # not in an async context
+        return None
+    return task.id, task.name or f"task {task.id}"

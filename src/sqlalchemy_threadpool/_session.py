@@ -1,0 +1,444 @@
+"""``ThreadpoolSession``: the awaitable facade over one synchronous ``Session``.
+
+It has the names and signatures of :class:`sqlalchemy.ext.asyncio.AsyncSession`, so code written
+for ``AsyncSession`` ports by changing the import and the engine. Members that may do IO are
+coroutines that run the sync method in a worker thread through the one offload path; members
+that never do IO are the sync session's own, unchanged. Both kinds are generated from the
+declarative lists in the class body (``_offloaded`` and ``_plain``); only the few methods whose
+SQLAlchemy signature is overloaded, or whose behaviour differs, are written out.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Coroutine, Generator, Iterator, Mapping
+from functools import partial
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Concatenate, Generic, TypeVar, overload
+
+import anyio
+from sqlalchemy.engine import Result, ScalarResult
+from sqlalchemy.orm import Session, SessionTransaction
+from typing_extensions import ParamSpec, Self, TypeVarTuple, Unpack
+
+from ._offload import Offloader
+from ._results import ThreadpoolStreamResult, check_callable, make_loop_safe
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine.interfaces import _CoreAnyExecuteParams
+    from sqlalchemy.orm._typing import OrmExecuteOptionsParameter
+    from sqlalchemy.orm.session import _BindArguments
+    from sqlalchemy.sql.base import Executable
+    from sqlalchemy.sql.selectable import TypedReturnsRows
+
+__all__ = ["ThreadpoolSession", "ThreadpoolSessionTransaction"]
+
+logger = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+T = TypeVar("T")
+_Ts = TypeVarTuple("_Ts")
+
+
+class _offloaded(Generic[P, R]):
+    """Declares an IO member: the sync method, awaited, run in a worker, result made safe."""
+
+    __slots__ = ("_method", "_name")
+
+    def __init__(self, method: Callable[Concatenate[Session, P], R]) -> None:
+        self._method = method
+        self._name = method.__name__
+
+    def __set_name__(self, owner: type[Any], name: str) -> None:
+        self._name = name
+
+    @overload
+    def __get__(self, obj: None, owner: type[Any]) -> Self: ...
+    @overload
+    def __get__(
+        self, obj: ThreadpoolSession, owner: type[Any]
+    ) -> Callable[P, Coroutine[Any, Any, R]]: ...
+    def __get__(self, obj: ThreadpoolSession | None, owner: type[Any]) -> Any:
+        if obj is None:
+            return self
+        return partial(obj._call_method, self._method, self._name)
+
+
+class _plain(Generic[P, R]):
+    """Declares a member that never does IO: the sync session's own, bound to it."""
+
+    __slots__ = ("_method",)
+
+    def __init__(self, method: Callable[Concatenate[Session, P], R]) -> None:
+        self._method = method
+
+    @overload
+    def __get__(self, obj: None, owner: type[Any]) -> Self: ...
+    @overload
+    def __get__(self, obj: ThreadpoolSession, owner: type[Any]) -> Callable[P, R]: ...
+    def __get__(self, obj: ThreadpoolSession | None, owner: type[Any]) -> Any:
+        if obj is None:
+            return self
+        return partial(self._method, obj.sync_session)
+
+
+class _attribute(Generic[T]):
+    """Declares a read-only attribute forwarded from the sync session."""
+
+    __slots__ = ("_name",)
+
+    def __init__(self, getter: Callable[[Session], T]) -> None:
+        self._name = ""
+
+    def __set_name__(self, owner: type[Any], name: str) -> None:
+        self._name = name
+
+    @overload
+    def __get__(self, obj: None, owner: type[Any]) -> Self: ...
+    @overload
+    def __get__(self, obj: ThreadpoolSession, owner: type[Any]) -> T: ...
+    def __get__(self, obj: ThreadpoolSession | None, owner: type[Any]) -> Any:
+        if obj is None:
+            return self
+        return getattr(obj.sync_session, self._name)
+
+
+class ThreadpoolSession:
+    """An ``AsyncSession``-like facade running a sync :class:`~sqlalchemy.orm.Session` in threads.
+
+    Do not create it directly: call a :func:`threadpool_sessionmaker`, or open a scope with
+    :func:`threadpool_session`. Calls of one session never overlap: concurrent tasks sharing it
+    take turns (waiting takes no thread). Anything that returns a ``Result`` gets it fully
+    buffered, so reading it on the event loop does no IO.
+    """
+
+    __slots__ = ("__weakref__", "_offloader", "maker", "sync_session")
+
+    sync_session: Session
+    """The synchronous session behind the facade; use it inside :meth:`run`."""
+
+    def __init__(self, sync_session: Session, offloader: Offloader, maker: Any) -> None:
+        self.sync_session = sync_session
+        self._offloader = offloader
+        self.maker = maker
+
+    def __repr__(self) -> str:
+        state = "closed" if self._offloader.closed else "open"
+        return f"<{type(self).__name__} {state} sync_session={self.sync_session!r}>"
+
+    # -- the one way in ---------------------------------------------------------------
+
+    async def _call_method(
+        self, method: Callable[..., Any], name: str, /, *args: Any, **kwargs: Any
+    ) -> Any:
+        session = self.sync_session
+        return await self._offloader.call(
+            lambda: make_loop_safe(method(session, *args, **kwargs), name),
+            recovers=method in _RECOVERING,
+        )
+
+    async def run(
+        self, fn: Callable[Concatenate[Session, P], R], /, *args: P.args, **kwargs: P.kwargs
+    ) -> R:
+        """Call ``fn(sync_session, *args, **kwargs)`` in a worker thread and return its value.
+
+        ``fn`` must be a plain synchronous callable. A ``Result`` (or ``ScalarResult``,
+        ``MappingResult``, ``TupleResult``) it returns is fully fetched in the worker, so it can
+        be iterated on the event loop; a legacy ``Query``, generator or coroutine is refused
+        with ``TypeError``. Lazy loads inside ``fn`` are fine: they run in the worker.
+        """
+        check_callable(fn, "run()")
+        session = self.sync_session
+        return await self._offloader.call(
+            lambda: make_loop_safe(fn(session, *args, **kwargs), "run()")
+        )
+
+    run_sync = run
+    """Alias of :meth:`run`, the name ``AsyncSession`` uses."""
+
+    # -- IO members, generated --------------------------------------------------------
+
+    get = _offloaded(Session.get)
+    get_one = _offloaded(Session.get_one)
+    flush = _offloaded(Session.flush)
+    commit = _offloaded(Session.commit)
+    rollback = _offloaded(Session.rollback)
+    close = _offloaded(Session.close)
+    reset = _offloaded(Session.reset)
+    refresh = _offloaded(Session.refresh)
+    merge = _offloaded(Session.merge)
+    delete = _offloaded(Session.delete)
+    connection = _offloaded(Session.connection)
+    invalidate = _offloaded(Session.invalidate)
+
+    async def load(self, instance: object, attribute: str) -> Any:
+        """Load ``instance.<attribute>`` in a worker and return it: an awaitable lazy load.
+
+        ``posts = await sess.load(user, "posts")`` loads a lazy relationship, a deferred column
+        or an expired attribute without blocking the event loop; afterwards plain
+        ``user.posts`` reads the loaded value with no IO.
+        """
+        return await self._offloader.call(lambda: getattr(instance, attribute))
+
+    async def aclose(self) -> None:
+        """Same as :meth:`close`, for :func:`contextlib.aclosing`."""
+        await self.close()
+
+    # -- non-IO members, generated ----------------------------------------------------
+
+    add = _plain(Session.add)
+    add_all = _plain(Session.add_all)
+    expunge = _plain(Session.expunge)
+    expunge_all = _plain(Session.expunge_all)
+    expire = _plain(Session.expire)
+    expire_all = _plain(Session.expire_all)
+    in_transaction = _plain(Session.in_transaction)
+    in_nested_transaction = _plain(Session.in_nested_transaction)
+    is_modified = _plain(Session.is_modified)
+
+    new = _attribute(lambda s: s.new)
+    dirty = _attribute(lambda s: s.dirty)
+    deleted = _attribute(lambda s: s.deleted)
+    identity_map = _attribute(lambda s: s.identity_map)
+    info = _attribute(lambda s: s.info)
+    bind = _attribute(lambda s: s.bind)
+    is_active = _attribute(lambda s: s.is_active)
+    autoflush = _attribute(lambda s: s.autoflush)
+
+    @property
+    def no_autoflush(self) -> Any:
+        """A context manager that disables autoflush, as :attr:`Session.no_autoflush`."""
+        return self.sync_session.no_autoflush
+
+    def __contains__(self, instance: object) -> bool:
+        return instance in self.sync_session
+
+    def __iter__(self) -> Iterator[object]:
+        return iter(self.sync_session)
+
+    # -- IO members whose SQLAlchemy signature is overloaded -------------------------
+
+    @overload
+    async def execute(
+        self,
+        statement: TypedReturnsRows[Unpack[_Ts]],
+        params: _CoreAnyExecuteParams | None = None,
+        *,
+        execution_options: OrmExecuteOptionsParameter = ...,
+        bind_arguments: _BindArguments | None = None,
+        **kw: Any,
+    ) -> Result[Unpack[_Ts]]: ...
+    @overload
+    async def execute(
+        self,
+        statement: Executable,
+        params: _CoreAnyExecuteParams | None = None,
+        *,
+        execution_options: OrmExecuteOptionsParameter = ...,
+        bind_arguments: _BindArguments | None = None,
+        **kw: Any,
+    ) -> Result[Unpack[tuple[Any, ...]]]: ...
+    async def execute(self, statement: Any, *args: Any, **kwargs: Any) -> Any:
+        """Execute a statement in a worker; the ``Result`` comes back fully buffered."""
+        return await self._call_method(Session.execute, "execute()", statement, *args, **kwargs)
+
+    @overload
+    async def scalar(
+        self,
+        statement: TypedReturnsRows[T],
+        params: _CoreAnyExecuteParams | None = None,
+        *,
+        execution_options: OrmExecuteOptionsParameter = ...,
+        bind_arguments: _BindArguments | None = None,
+        **kw: Any,
+    ) -> T | None: ...
+    @overload
+    async def scalar(
+        self,
+        statement: Executable,
+        params: _CoreAnyExecuteParams | None = None,
+        *,
+        execution_options: OrmExecuteOptionsParameter = ...,
+        bind_arguments: _BindArguments | None = None,
+        **kw: Any,
+    ) -> Any: ...
+    async def scalar(self, statement: Any, *args: Any, **kwargs: Any) -> Any:
+        """Execute a statement in a worker and return the first column of the first row."""
+        return await self._call_method(Session.scalar, "scalar()", statement, *args, **kwargs)
+
+    @overload
+    async def scalars(
+        self,
+        statement: TypedReturnsRows[T],
+        params: _CoreAnyExecuteParams | None = None,
+        *,
+        execution_options: OrmExecuteOptionsParameter = ...,
+        bind_arguments: _BindArguments | None = None,
+        **kw: Any,
+    ) -> ScalarResult[T]: ...
+    @overload
+    async def scalars(
+        self,
+        statement: Executable,
+        params: _CoreAnyExecuteParams | None = None,
+        *,
+        execution_options: OrmExecuteOptionsParameter = ...,
+        bind_arguments: _BindArguments | None = None,
+        **kw: Any,
+    ) -> ScalarResult[Any]: ...
+    async def scalars(self, statement: Any, *args: Any, **kwargs: Any) -> Any:
+        """Execute a statement in a worker; the ``ScalarResult`` comes back fully buffered."""
+        return await self._call_method(Session.scalars, "scalars()", statement, *args, **kwargs)
+
+    # -- streaming ---------------------------------------------------------------------
+
+    async def stream(
+        self,
+        statement: Executable,
+        params: _CoreAnyExecuteParams | None = None,
+        *,
+        execution_options: Mapping[str, Any] | None = None,
+        bind_arguments: _BindArguments | None = None,
+        **kw: Any,
+    ) -> ThreadpoolStreamResult[Any]:
+        """Execute with a server-side cursor; rows are fetched a partition at a time in a worker.
+
+        Use ``async with await sess.stream(stmt) as result:`` (or exhaust it) so the cursor is
+        released even if the consumer is cancelled.
+        """
+        options = {**(execution_options or {}), "stream_results": True}
+        session = self.sync_session
+        sync_result = await self._offloader.call(
+            lambda: session.execute(
+                statement,
+                params,
+                execution_options=options,
+                bind_arguments=bind_arguments,
+                **kw,
+            )
+        )
+        return ThreadpoolStreamResult(sync_result, self._offloader)
+
+    async def stream_scalars(
+        self,
+        statement: Executable,
+        params: _CoreAnyExecuteParams | None = None,
+        *,
+        execution_options: Mapping[str, Any] | None = None,
+        bind_arguments: _BindArguments | None = None,
+        **kw: Any,
+    ) -> ThreadpoolStreamResult[Any]:
+        """Like :meth:`stream`, returning the first column of each row."""
+        result = await self.stream(
+            statement,
+            params,
+            execution_options=execution_options,
+            bind_arguments=bind_arguments,
+            **kw,
+        )
+        return result.scalars()
+
+    # -- transactions ------------------------------------------------------------------
+
+    def begin(self) -> ThreadpoolSessionTransaction:
+        """Begin a transaction: ``async with sess.begin():`` commits on success."""
+        return ThreadpoolSessionTransaction(self, nested=False)
+
+    def begin_nested(self) -> ThreadpoolSessionTransaction:
+        """Begin a SAVEPOINT: ``async with sess.begin_nested():`` releases or rolls back to it."""
+        return ThreadpoolSessionTransaction(self, nested=True)
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def end(self, *, commit: bool, reason: str) -> None:
+        """End the unit of work: commit (or roll back), then close; refuse IO afterwards.
+
+        Shielded from cancellation. If the commit fails, the session is rolled back and closed
+        and the commit error propagates; a failure while rolling back is logged and the
+        connection invalidated, never raised over the caller's error. If a call of the unit of
+        work was interrupted, nothing is committed: ``commit=True`` then raises
+        :class:`TransactionInterruptedError`.
+        """
+        try:
+            with anyio.CancelScope(shield=True):
+                await self._offloader.finish(commit=commit)
+        finally:
+            self._offloader.end_scope(reason)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.end(commit=False, reason="its `async with` block exited")
+
+
+#: Methods that acknowledge an interrupted unit of work (see TransactionInterruptedError).
+_RECOVERING = (Session.rollback, Session.close, Session.reset, Session.invalidate)
+
+
+class ThreadpoolSessionTransaction:
+    """A transaction or SAVEPOINT of a :class:`ThreadpoolSession`, usable as ``async with``.
+
+    ``await sess.begin()`` starts it and returns it; ``async with sess.begin():`` also commits
+    when the block succeeds and rolls back when it raises or is cancelled.
+    """
+
+    __slots__ = ("nested", "session", "sync_transaction")
+
+    def __init__(self, session: ThreadpoolSession, *, nested: bool) -> None:
+        self.session = session
+        self.nested = nested
+        self.sync_transaction: SessionTransaction | None = None
+
+    @property
+    def is_active(self) -> bool:
+        return self.sync_transaction is not None and self.sync_transaction.is_active
+
+    async def start(self) -> Self:
+        """Begin the transaction (SAVEPOINT for a nested one) in a worker."""
+        method = Session.begin_nested if self.nested else Session.begin
+        session = self.session.sync_session
+        self.sync_transaction = await self.session._offloader.call(partial(method, session))
+        return self
+
+    def __await__(self) -> Generator[Any, None, Self]:
+        return self.start().__await__()
+
+    async def commit(self) -> None:
+        """Commit this transaction (RELEASE SAVEPOINT for a nested one)."""
+        await self._end(commit=True)
+
+    async def rollback(self) -> None:
+        """Roll this transaction back (to its SAVEPOINT for a nested one)."""
+        await self._end(commit=False)
+
+    async def _end(self, *, commit: bool) -> None:
+        transaction = self.sync_transaction
+        if transaction is None:
+            raise RuntimeError("This transaction was never started; `await` it first.")
+        if not commit and not transaction.is_active:
+            return  # already rolled back, e.g. after an interrupted call
+        method = transaction.commit if commit else transaction.rollback
+        with anyio.CancelScope(shield=not commit):
+            await self.session._offloader.call(method, recovers=not commit)
+
+    async def __aenter__(self) -> Self:
+        return await self.start()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            self.session._offloader.check_usable()  # never report an interrupted one committed
+        if self.sync_transaction is None or not self.sync_transaction.is_active:
+            return
+        await self._end(commit=exc_type is None)
