@@ -1,0 +1,146 @@
+"""What the event-loop guard costs on the hot path: ``guard="raise"`` against ``guard="off"``.
+
+Times ``N`` calls of ``await sess.run(lambda s: s.execute(select(User).where(User.id == 1))
+.scalar_one())`` on a SQLite file for each mode, interleaved in chunks of ``CHUNK`` calls (the
+order alternates every chunk), repeated; reports the median of the per-round ratios raise/off,
+on asyncio and trio.
+A second scenario opens a short session per call (begin, one query, commit, close), which adds
+the guard's once-per-transaction bookkeeping.
+
+    python bench/guard_cost.py [--n 5000] [--rounds 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import anyio
+from sqlalchemy import String, create_engine, select
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+from sqlalchemy_threadpool import ThreadpoolSession, threadpool_sessionmaker
+from sqlalchemy_threadpool._guard import GuardMode
+
+MODES: tuple[GuardMode, GuardMode] = ("raise", "off")
+#: Calls timed back to back before switching modes: fine-grained interleaving cancels drift.
+CHUNK = 250
+
+#: Per mode: (wall-clock seconds, CPU seconds of the whole process, worker threads included).
+Timings = dict[GuardMode, tuple[float, float]]
+
+
+class _Clock:
+    """Wall-clock and process CPU time: CPU time is less disturbed by other processes."""
+
+    def __init__(self) -> None:
+        self.wall = time.perf_counter()
+        self.cpu = time.process_time()
+
+    def elapsed(self) -> tuple[float, float]:
+        return time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+
+def _add(total: tuple[float, float], more: tuple[float, float]) -> tuple[float, float]:
+    return total[0] + more[0], total[1] + more[1]
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class User(Base):
+    __tablename__ = "bench_user"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(100))
+
+
+def _one(session: Session) -> User:
+    return session.execute(select(User).where(User.id == 1)).scalar_one()
+
+
+async def _calls(sess: ThreadpoolSession, n: int) -> tuple[float, float]:
+    clock = _Clock()
+    for _ in range(n):
+        await sess.run(_one)
+    return clock.elapsed()
+
+
+async def _one_session(makers: dict[GuardMode, threadpool_sessionmaker], n: int) -> Timings:
+    """Both modes' sessions stay open; their calls alternate in chunks."""
+    seconds = dict.fromkeys(MODES, (0.0, 0.0))
+    async with makers["raise"]() as guarded, makers["off"]() as unguarded:
+        sessions = {"raise": guarded, "off": unguarded}
+        for sess in sessions.values():
+            await sess.run(_one)  # warm up: the connection and the compiled statement
+        for chunk in range(n // CHUNK):
+            for mode in MODES if chunk % 2 == 0 else MODES[::-1]:
+                seconds[mode] = _add(seconds[mode], await _calls(sessions[mode], CHUNK))
+    return seconds
+
+
+async def _session_per_call(makers: dict[GuardMode, threadpool_sessionmaker], n: int) -> Timings:
+    seconds = dict.fromkeys(MODES, (0.0, 0.0))
+    for chunk in range(n // CHUNK):
+        for mode in MODES if chunk % 2 == 0 else MODES[::-1]:
+            clock = _Clock()
+            for _ in range(CHUNK):
+                async with makers[mode].begin() as sess:
+                    await sess.run(_one)
+            seconds[mode] = _add(seconds[mode], clock.elapsed())
+    return seconds
+
+
+Scenario = Callable[[dict[GuardMode, threadpool_sessionmaker], int], Awaitable[Timings]]
+
+
+async def _ratios(url: str, scenario: Scenario, n: int, rounds: int) -> list[tuple[float, float]]:
+    # One engine per mode: the guard's engine-level listeners must not slow the "off" side.
+    engines = {mode: create_engine(url) for mode in MODES}
+    makers = {mode: threadpool_sessionmaker(engines[mode], guard=mode) for mode in MODES}
+    ratios = []
+    for _ in range(rounds):
+        seconds = await scenario(makers, n)
+        (wall, cpu), (wall_off, cpu_off) = seconds["raise"], seconds["off"]
+        ratios.append((wall / wall_off, cpu / cpu_off))
+    for engine in engines.values():
+        engine.dispose()
+    return ratios
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=5000, help="calls per timing")
+    parser.add_argument("--rounds", type=int, default=15, help="interleaved repetitions")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        url = f"sqlite:///{Path(tmp) / 'bench.db'}"
+        engine = create_engine(url)
+        Base.metadata.create_all(engine)
+        with Session(engine) as session:
+            session.add(User(id=1, name="ada"))
+            session.commit()
+        engine.dispose()
+        scenarios: dict[str, Scenario] = {
+            "run() x N, one session": _one_session,
+            "a session per call": _session_per_call,
+        }
+        for backend in ("asyncio", "trio"):
+            for label, scenario in scenarios.items():
+                ratios = anyio.run(_ratios, url, scenario, args.n, args.rounds, backend=backend)
+                wall, cpu = ([ratio[i] for ratio in ratios] for i in (0, 1))
+                print(
+                    f"{backend:8} {label:23} raise/off median: wall {statistics.median(wall):.3f}x"
+                    f" (min {min(wall):.3f}, max {max(wall):.3f}), CPU "
+                    f"{statistics.median(cpu):.3f}x (min {min(cpu):.3f}, max {max(cpu):.3f}); "
+                    f"{args.rounds} rounds of {args.n} calls"
+                )
+
+
+if __name__ == "__main__":
+    main()
