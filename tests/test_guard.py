@@ -8,18 +8,24 @@ Every "does not fire" test also checks, on the same session, that the guard is a
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
 import sys
+import textwrap
 import threading
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
 
 import anyio
 import pytest
 import sniffio
 import trio
-from sqlalchemy import Engine, event, func, select, text
+from sqlalchemy import Engine, delete, event, func, insert, select, text, update
 from sqlalchemy.exc import InvalidRequestError
-from sqlalchemy.orm import Session, selectinload, subqueryload
+from sqlalchemy.orm import Session, selectinload, sessionmaker, subqueryload
+from sqlalchemy.sql import Executable
 
 from helpers import user_names
 from models import Post, User
@@ -34,6 +40,8 @@ from sqlalchemy_threadpool import (
 )
 
 pytestmark = pytest.mark.anyio
+
+T = TypeVar("T")
 
 
 class DatabaseIO:
@@ -104,6 +112,39 @@ def _message(excinfo: pytest.ExceptionInfo[BaseException]) -> str:
     return str(excinfo.value)
 
 
+def _every_kind_of_io(session: Session, user_id: int) -> None:
+    """Lazy, deferred and expired loads, ORM and Core statements, a flush and a commit."""
+    user = session.get_one(User, user_id)
+    assert {"one", "two"} <= {post.title for post in user.posts}
+    assert user.bio == "analyst"
+    session.expire(user)
+    assert user.name == "ada"
+    assert session.execute(text("SELECT 1")).scalar() == 1
+    session.add(Post(title="more", author_id=user_id))
+    session.flush()
+    session.commit()
+
+
+async def _to_thread(anyio_backend: str, runner: str, fn: Callable[[], T]) -> T:
+    """Run ``fn`` in a worker thread of anyio, or of the backend's own ``to_thread``."""
+    if runner == "anyio":
+        return await anyio.to_thread.run_sync(fn)
+    if anyio_backend == "trio":
+        return await trio.to_thread.run_sync(fn)
+    return await asyncio.to_thread(fn)
+
+
+def _run_loop(library: str, fn: Callable[[], Awaitable[T]]) -> T:
+    """Run ``fn`` on a new event loop of ``library`` in the calling thread, until it ends."""
+    if library == "trio":
+        return trio.run(fn)
+
+    async def main() -> T:
+        return await fn()
+
+    return asyncio.run(main())
+
+
 # -- the error classes ---------------------------------------------------------------------
 
 
@@ -162,6 +203,26 @@ async def test_deferred_column_on_the_loop_raises_before_any_sql(
         assert io.counts() == loaded
 
 
+async def test_many_to_one_lazy_load_on_the_loop_names_its_attribute(
+    engine: Engine, io: DatabaseIO, user_id: int
+) -> None:
+    maker = threadpool_sessionmaker(engine)
+    async with maker() as sess:
+        post = await sess.scalar(select(Post).where(Post.title == "one"))  # the author is not
+        assert post is not None  # in the identity map: reading it would send a SELECT
+        await sess.commit()
+        before = io.counts()
+        with pytest.raises(LazyLoadOnEventLoopError) as caught:
+            _ = post.author
+        assert io.counts() == before
+        assert "Lazy load of Post.author" in _message(caught)
+        assert "selectinload(Post.author)" in _message(caught)
+
+        author = await sess.load(post, "author")
+        assert author.name == "ada"
+        assert post.author is author
+
+
 @pytest.mark.parametrize("expire_on_commit", [True, False], ids=["expire", "default"])
 async def test_attribute_read_after_commit(
     engine: Engine, io: DatabaseIO, user_id: int, expire_on_commit: bool
@@ -187,8 +248,19 @@ async def test_attribute_read_after_commit(
         assert "expire_on_commit=False" in message
         assert "await sess.refresh(obj)" in message
 
-        await sess.refresh(user)
-        assert user.name == "ada"
+        assert await sess.load(user, "name") == "ada"  # one awaitable refresh, in a worker
+        loaded = io.counts()
+        assert user.id == user_id
+        assert io.counts() == loaded
+
+
+async def test_load_refuses_an_object_of_another_session(engine: Engine, user_id: int) -> None:
+    maker = threadpool_sessionmaker(engine)
+    async with maker() as sess, maker() as other:
+        user = await _loaded_user(other, user_id)
+        with pytest.raises(InvalidRequestError, match="belongs to another session"):
+            await sess.load(user, "posts")
+        assert len(await other.load(user, "posts")) == 2
 
 
 async def test_eager_and_lazy_loads_inside_run_never_raise(
@@ -270,6 +342,54 @@ async def test_sync_session_execute_on_the_loop_raises_before_any_sql(
         assert io.counts() == before
 
         assert (await sess.execute(select(User.name))).scalars().all() == ["ada"]
+
+
+CORE_STATEMENTS: dict[str, tuple[Callable[[int], Executable], str]] = {
+    "text": (lambda uid: text("SELECT name FROM satp_user"), "'SELECT name FROM satp_user'"),
+    "insert": (lambda uid: insert(User).values(name="grace"), "'INSERT INTO satp_user"),
+    "update": (
+        lambda uid: update(User).where(User.id == uid).values(name="grace"),
+        "'UPDATE satp_user SET name=",
+    ),
+    "delete": (lambda uid: delete(Post).where(Post.author_id == uid), "'DELETE FROM satp_post"),
+}
+
+
+@pytest.mark.parametrize("kind", list(CORE_STATEMENTS))
+@pytest.mark.parametrize("holding", [False, True], ids=["fresh", "holding_connection"])
+async def test_core_statement_through_the_sync_session_raises_before_any_sql(
+    engine: Engine, other_engine: Engine, io: DatabaseIO, user_id: int, kind: str, holding: bool
+) -> None:
+    maker = threadpool_sessionmaker(engine)
+    make_statement, shown = CORE_STATEMENTS[kind]
+    async with maker() as sess:
+        if holding:
+            await sess.execute(select(User.id))
+        before = io.counts()
+        with pytest.raises(BlockingOnEventLoopError) as caught:
+            sess.sync_session.execute(make_statement(user_id))
+        assert type(caught.value) is BlockingOnEventLoopError  # not an attribute load
+        assert io.counts() == before
+        assert f"Session.execute() of {shown}" in _message(caught)
+        assert "await sess.execute(...)" in _message(caught)
+
+        await sess.execute(make_statement(user_id))  # the session is usable, in a worker
+        await sess.rollback()
+    assert user_names(other_engine) == {"ada"}
+
+
+async def test_sync_refresh_on_the_loop_raises_before_any_sql(
+    engine: Engine, io: DatabaseIO, user_id: int
+) -> None:
+    maker = threadpool_sessionmaker(engine)
+    async with maker() as sess:
+        user = await _loaded_user(sess, user_id)
+        before = io.counts()
+        with pytest.raises(BlockingOnEventLoopError) as caught:
+            sess.sync_session.refresh(user)
+        assert io.counts() == before
+        assert "Session.refresh() of a User" in _message(caught)
+        await sess.refresh(user)
 
 
 @pytest.mark.parametrize("holding", [False, True], ids=["fresh", "holding_connection"])
@@ -377,11 +497,23 @@ async def _commit(sess: ThreadpoolSession, user: User) -> None:
         assert set(other.scalars(select(User.name))) == {"grace", "linus"}
 
 
+async def _core(sess: ThreadpoolSession, user: User) -> None:
+    sess.sync_session.execute(text("UPDATE satp_user SET name = 'grace'"))
+    assert await sess.scalar(select(User.name)) == "grace"
+
+
+async def _connection(sess: ThreadpoolSession, user: User) -> None:
+    conn = await sess.connection()
+    assert conn.execute(text("SELECT 1")).scalar() == 1
+
+
 OCCURRENCES = {
     "lazy": _lazy,
     "deferred": _deferred,
     "expired": _expired,
     "execute": _execute,
+    "core": _core,
+    "connection": _connection,
     "flush": _flush,
     "flush_holding": _flush_holding,
     "commit": _commit,
@@ -479,6 +611,54 @@ async def test_allow_blocking_permits_io_in_its_scope_only(
             _ = user.name
 
 
+async def test_allow_blocking_scopes_nest(engine: Engine, user_id: int) -> None:
+    maker = threadpool_sessionmaker(engine)
+    async with maker() as sess:
+        user = await _loaded_user(sess, user_id)
+        async with allow_blocking():
+            with allow_blocking():
+                assert len(user.posts) == 2
+            assert user.bio == "analyst"  # the outer scope still allows it
+            sess.expire(user)
+        with pytest.raises(LazyLoadOnEventLoopError):
+            _ = user.name
+
+
+async def test_one_allow_blocking_instance_shared_by_concurrent_tasks(
+    engine: Engine, user_id: int
+) -> None:
+    """A module-level ``allow_blocking()`` entered by two tasks whose scopes interleave."""
+    maker = threadpool_sessionmaker(engine)
+    shared = allow_blocking()
+    async with maker() as sess:
+        user = await _loaded_user(sess, user_id)
+        first_in, second_in, first_out = anyio.Event(), anyio.Event(), anyio.Event()
+        outcome: dict[str, object] = {}
+
+        async def first() -> None:
+            async with shared:
+                first_in.set()
+                await second_in.wait()
+            first_out.set()  # left its scope while the second task is still inside its own
+            try:
+                _ = user.bio
+            except LazyLoadOnEventLoopError as exc:
+                outcome["first after"] = exc
+
+        async def second() -> None:
+            await first_in.wait()
+            async with shared:
+                second_in.set()
+                await first_out.wait()
+                outcome["second inside"] = len(user.posts)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(first)
+            tg.start_soon(second)
+        assert outcome["second inside"] == 2
+        assert isinstance(outcome["first after"], LazyLoadOnEventLoopError)
+
+
 async def test_allow_blocking_is_per_task(engine: Engine, user_id: int) -> None:
     maker = threadpool_sessionmaker(engine)
     async with maker() as sess:
@@ -529,6 +709,151 @@ async def test_plain_sessions_of_the_application_are_not_guarded(
                 assert conn.execute(text("SELECT 1")).scalar() == 1
         with pytest.raises(LazyLoadOnEventLoopError):  # while our own session is guarded
             _ = ours.posts
+
+
+@pytest.mark.parametrize("runner", ["anyio", "native"])
+async def test_a_plain_sessionmaker_on_the_same_engine_in_a_worker_is_not_guarded(
+    engine: Engine, io: DatabaseIO, user_id: int, anyio_backend: str, runner: str
+) -> None:
+    maker = threadpool_sessionmaker(engine)
+    plain = sessionmaker(engine)
+    async with maker() as sess:
+        ours = await sess.get_one(User, user_id)  # holds a connection of the same engine
+
+        def in_worker() -> int:
+            with plain() as session:
+                _every_kind_of_io(session, user_id)
+            return _thread()
+
+        worker = await _to_thread(anyio_backend, runner, in_worker)
+        assert worker != _thread()
+        assert io.on_thread(worker) > 0
+        with pytest.raises(LazyLoadOnEventLoopError):  # while our own session is guarded
+            _ = ours.posts
+
+
+def test_sync_code_without_a_running_loop_is_not_guarded(
+    engine: Engine, io: DatabaseIO, user_id: int
+) -> None:
+    """Our own sessions in plain sync code (a script, a REPL, a notebook cell with no await)."""
+    maker = threadpool_sessionmaker(engine)
+    here = _thread()
+    with maker.sync_maker() as session:
+        _every_kind_of_io(session, user_id)
+    assert io.on_thread(here) > 0
+
+    async def on_a_loop() -> None:
+        with maker.sync_maker() as session, pytest.raises(BlockingOnEventLoopError):
+            _every_kind_of_io(session, user_id)
+
+    for library in ("asyncio", "trio"):  # the same code on a loop in this thread: guarded
+        before = io.counts()
+        _run_loop(library, on_a_loop)
+        assert io.counts() == before
+        with maker.sync_maker() as session:  # and, the loop gone, plain again
+            _every_kind_of_io(session, user_id)
+
+
+def _in_a_new_thread(fn: Callable[[], int]) -> Callable[[], int]:
+    """``fn`` run in a plain ``threading.Thread`` (no context copied), joined."""
+
+    def run() -> int:
+        outcome: list[int] = []
+        thread = threading.Thread(target=lambda: outcome.append(fn()))
+        thread.start()
+        thread.join()
+        return outcome[0]
+
+    return run
+
+
+def _with_a_loop_set_but_not_running(fn: Callable[[], int]) -> Callable[[], int]:
+    """``fn`` in a thread that has an event loop set and a sniffio marker, but runs no loop."""
+
+    def run() -> int:
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        sniffio.thread_local.name = "asyncio"
+        try:
+            return fn()
+        finally:
+            sniffio.thread_local.name = None
+            asyncio.set_event_loop(None)
+            loop.close()
+
+    return run
+
+
+def _after_a_loop_ended(library: str) -> Callable[[Callable[[], int]], Callable[[], int]]:
+    def wrap(fn: Callable[[], int]) -> Callable[[], int]:
+        def run() -> int:
+            _run_loop(library, _noop)  # this thread ran a loop, which has ended
+            return fn()
+
+        return run
+
+    return wrap
+
+
+async def _noop() -> None:
+    pass
+
+
+LOOPLESS_THREADS: dict[str, Callable[[Callable[[], int]], Callable[[], int]]] = {
+    "thread": _in_a_new_thread,
+    "loop_set_not_running": _with_a_loop_set_but_not_running,
+    "after_asyncio_run": _after_a_loop_ended("asyncio"),
+    "after_trio_run": _after_a_loop_ended("trio"),
+}
+
+
+@pytest.mark.parametrize("thread", list(LOOPLESS_THREADS))
+async def test_threads_without_a_running_loop_are_not_guarded(
+    engine: Engine, io: DatabaseIO, user_id: int, thread: str
+) -> None:
+    """Django's false positives: a thread counts only while it runs a loop."""
+    maker = threadpool_sessionmaker(engine)
+
+    def in_thread() -> int:
+        with maker.sync_maker() as session:
+            _every_kind_of_io(session, user_id)
+        return _thread()
+
+    worker = await anyio.to_thread.run_sync(LOOPLESS_THREADS[thread](in_thread))
+    assert worker != _thread()
+    assert io.on_thread(worker) > 0
+    with maker.sync_maker() as session, pytest.raises(BlockingOnEventLoopError):
+        _every_kind_of_io(session, user_id)  # the same code on this loop: guarded
+
+
+@pytest.mark.parametrize("library", ["asyncio", "trio"])
+async def test_a_thread_running_its_own_loop_is_guarded(
+    engine: Engine, io: DatabaseIO, user_id: int, library: str
+) -> None:
+    """A second event loop in another thread would be blocked just the same: it counts."""
+    maker = threadpool_sessionmaker(engine)
+    async with maker() as sess:
+        user = await _loaded_user(sess, user_id)
+
+        async def on_the_other_loop() -> None:
+            before = io.counts()
+            with pytest.raises(LazyLoadOnEventLoopError, match=r"User\.posts"):
+                _ = user.posts
+            with pytest.raises(BlockingOnEventLoopError, match="SELECT 1"):
+                sess.sync_session.execute(text("SELECT 1"))
+            assert io.counts() == before
+            with allow_blocking():  # the escape hatch works there too
+                assert user.bio == "analyst"
+
+        def in_thread() -> int:
+            _run_loop(library, on_the_other_loop)
+            assert len(user.posts) == 2  # that loop has ended: this thread is plain again
+            return _thread()
+
+        worker = await anyio.to_thread.run_sync(in_thread)
+        assert worker != _thread()
+        assert io.on_thread(worker) > 0  # bio inside allow_blocking(), posts after the loop
+        await sess.commit()
 
 
 async def test_a_connection_bound_to_the_maker_is_ours_only_while_the_session_holds_it(
@@ -584,3 +909,91 @@ async def test_stack_level_points_at_the_callers_line(engine: Engine, user_id: i
             line = sys._getframe().f_lineno + 1
             _ = user.posts
         assert [(w.filename, w.lineno) for w in caught] == [(__file__, line)]
+
+
+# -- how it is built -------------------------------------------------------------------------
+
+_SNAPSHOT_SCRIPT = """
+import asyncio, contextvars, inspect, json, sys, threading, warnings
+import sqlalchemy, sqlalchemy.engine.base, sqlalchemy.event, sqlalchemy.orm
+import sqlalchemy.orm.attributes, sqlalchemy.orm.context, sqlalchemy.orm.loading
+import sqlalchemy.orm.session, sqlalchemy.orm.strategies, sqlalchemy.pool.base
+import sniffio, trio, trio.lowlevel
+from sqlalchemy import create_engine, text
+from sqlalchemy.orm import configure_mappers
+from models import Post, User
+
+configure_mappers()
+MODULES = [asyncio, asyncio.events, asyncio.base_events, contextvars, threading, warnings,
+           sniffio, trio, trio.lowlevel, sqlalchemy, sqlalchemy.event, sqlalchemy.orm,
+           sqlalchemy.orm.attributes, sqlalchemy.orm.context, sqlalchemy.orm.loading,
+           sqlalchemy.orm.session, sqlalchemy.orm.strategies, sqlalchemy.engine.base,
+           sqlalchemy.pool.base]
+
+def namespaces():
+    for module in MODULES:
+        yield module.__name__, module, False
+        for name, value in vars(module).items():
+            if inspect.isclass(value) and value.__module__ == module.__name__:
+                yield f"{module.__name__}.{name}", value, True
+    for cls in (User, Post):
+        yield cls.__name__, cls, True
+
+def snapshot():
+    return {name: dict(vars(ns)) for name, ns, _ in namespaces()}
+
+before = snapshot()
+
+from sqlalchemy_threadpool import (
+    BlockingOnEventLoopError, allow_blocking, threadpool_sessionmaker,
+)
+
+engine = create_engine(sys.argv[1])
+warnings.simplefilter("ignore")
+
+async def trip():
+    for mode in ("raise", "warn", "off"):
+        maker = threadpool_sessionmaker(engine, guard=mode)
+        async with maker() as sess:
+            user = await sess.get_one(User, int(sys.argv[2]))
+            try:
+                _ = user.posts
+                sess.sync_session.execute(text("SELECT 1"))
+            except BlockingOnEventLoopError:
+                pass
+            with allow_blocking():
+                _ = user.bio
+
+asyncio.run(trip())
+trio.run(trip)
+
+after = snapshot()
+changed = []
+for name, ns, is_class in namespaces():
+    old, new = before[name], after[name]
+    for key, value in old.items():
+        if key in new and new[key] is not value and (is_class or callable(value)):
+            changed.append(f"{name}.{key}")
+        elif key not in new:
+            changed.append(f"{name}.{key} (deleted)")
+    if is_class:
+        changed += [f"{name}.{key} (added)" for key in new.keys() - old.keys()]
+print(json.dumps(changed))
+"""
+
+
+def test_the_guard_never_monkeypatches(db_url: str, engine: Engine, user_id: int) -> None:
+    """Importing the package, making makers in every mode and tripping the guard, in a fresh
+    interpreter, leaves every class and function of asyncio, trio, sniffio, SQLAlchemy and the
+    mapped classes as it was: the guard works through SQLAlchemy's events only."""
+    script = textwrap.dedent(_SNAPSHOT_SCRIPT)
+    completed = subprocess.run(
+        [sys.executable, "-c", script, db_url, str(user_id)],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parent,
+        check=False,
+        timeout=120,
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert json.loads(completed.stdout.splitlines()[-1]) == []

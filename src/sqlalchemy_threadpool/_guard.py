@@ -3,7 +3,11 @@
 It decides **by thread**: SQL in a worker thread is what the library is for; SQL on a thread
 that is running an asyncio or trio event loop would block every task. Which async library the
 *context* says is running (sniffio, anyio) does not matter: worker threads inherit a copy of
-the loop's context, and they must never trip the guard. Built on SQLAlchemy events only, in
+the loop's context, and they must never trip the guard. Any thread that is running an event
+loop counts, not only the one our tasks run on: a second loop in another thread (a thread
+that calls ``asyncio.run()`` or ``trio.run()``) is blocked just the same. A thread that merely
+*has* a loop object, or ran one earlier, or inherited a sniffio marker, does not count, so
+sync code in plain threads never sees a false positive. Built on SQLAlchemy events only, in
 two lines:
 
 1. Session events on the sessions a maker makes, which fire before any SQL is sent and, except
@@ -37,7 +41,7 @@ import threading
 import warnings
 import weakref
 from collections.abc import Callable
-from contextvars import ContextVar, Token
+from contextvars import ContextVar
 from types import TracebackType
 from typing import Any, Literal
 
@@ -62,14 +66,19 @@ __all__ = ["GuardMode", "allow_blocking", "install_guard", "on_event_loop_thread
 
 GuardMode = Literal["raise", "warn", "off"]
 
-_allowed: ContextVar[bool] = ContextVar("sqlalchemy_threadpool_allow_blocking", default=False)
+#: How many ``allow_blocking()`` scopes the current context is in.
+_allowed: ContextVar[int] = ContextVar("sqlalchemy_threadpool_allow_blocking", default=0)
 _get_running_loop = asyncio._get_running_loop
 #: ``trio.lowlevel.in_trio_run``, looked up once trio has been imported (no trio, no trio run).
 _in_trio_run: Callable[[], bool] | None = None
 
 
 def on_event_loop_thread() -> bool:
-    """Whether the calling thread is running an asyncio or trio event loop right now."""
+    """Whether the calling thread is running an asyncio or trio event loop right now.
+
+    Any loop counts (blocking a loop in another thread is as bad as blocking ours); a loop that
+    is set but not running, or has finished, does not.
+    """
     global _in_trio_run
     if _get_running_loop() is not None:
         return True
@@ -82,24 +91,25 @@ def on_event_loop_thread() -> bool:
 
 
 def _blocked() -> bool:
-    return on_event_loop_thread() and not _allowed.get()
+    return on_event_loop_thread() and _allowed.get() == 0
 
 
 class allow_blocking:
     """Let the current context run SQL on the event-loop thread on purpose.
 
     Usable as ``with allow_blocking():`` and ``async with allow_blocking():``. It only affects
-    the current context (the current task and what it awaits), never other tasks, and ends
-    with the block. Meant for start-up code, tests and deliberate one-off blocking calls.
+    the current context (the current task, what it awaits, and tasks it starts inside the
+    block, which inherit a copy of the context), never other tasks, and ends with the block.
+    Scopes nest, and one instance may be entered by several tasks at once. Meant for start-up
+    code, tests and deliberate one-off blocking calls.
     """
 
-    __slots__ = ("_tokens",)
-
-    def __init__(self) -> None:
-        self._tokens: list[Token[bool]] = []
+    __slots__ = ()
 
     def __enter__(self) -> None:
-        self._tokens.append(_allowed.set(True))
+        # A depth per context, not a token per instance: each task counts in its own context,
+        # so one instance shared by concurrent tasks (a module-level constant) stays correct.
+        _allowed.set(_allowed.get() + 1)
 
     def __exit__(
         self,
@@ -107,7 +117,7 @@ class allow_blocking:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        _allowed.reset(self._tokens.pop())
+        _allowed.set(max(_allowed.get() - 1, 0))
 
     async def __aenter__(self) -> None:
         self.__enter__()
@@ -304,25 +314,33 @@ def _statement_message(what: str) -> str:
 def _describe(state: ORMExecuteState) -> tuple[str, type[BlockingOnEventLoopError]]:
     """The message for a statement about to run through the session, and its error class."""
     try:
-        if getattr(state.load_options, "_is_user_refresh", False):
-            return _statement_message(f"Session.refresh() of a {_owner(state)}"), (
-                BlockingOnEventLoopError
-            )
-        if state.is_relationship_load:
-            return _relationship_message(state), LazyLoadOnEventLoopError
-        if state.is_column_load:
-            return _column_message(state), LazyLoadOnEventLoopError
+        if state.is_select:  # only a SELECT has load options (and can be an attribute load)
+            if getattr(state.load_options, "_is_user_refresh", False):
+                return _statement_message(f"Session.refresh() of a {_owner(state)}"), (
+                    BlockingOnEventLoopError
+                )
+            if state.is_relationship_load:
+                return _relationship_message(state), LazyLoadOnEventLoopError
+            if state.is_column_load:
+                return _column_message(state), LazyLoadOnEventLoopError
         what = f"Session.execute() of {_short(str(state.statement))!r}"
     except Exception:  # the message must never hide the error, nor replace it
-        if state.is_relationship_load or state.is_column_load:
+        if _is_attribute_load(state):
             return (
                 "An attribute load on the event-loop thread would send a SELECT and block every "
-                "other task. Fix: eager-load it in the query, or load it in a worker with "
-                "`await sess.load(obj, 'attribute')`.",
+                "other task. Fix: eager-load it in the query, load it in a worker with "
+                "`await sess.load(obj, 'attribute')`, or read it inside `await sess.run(...)`.",
                 LazyLoadOnEventLoopError,
             )
-        what = f"Session.execute() of a {type(state.statement).__name__}"
+        what = f"Session.execute() ({type(state.statement).__name__.removeprefix('Annotated')})"
     return _statement_message(what), BlockingOnEventLoopError
+
+
+def _is_attribute_load(state: ORMExecuteState) -> bool:
+    try:
+        return state.is_select and (state.is_relationship_load or state.is_column_load)
+    except Exception:
+        return False
 
 
 def _owner(state: ORMExecuteState) -> str:

@@ -17,7 +17,9 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Concatenate, Generic, TypeVar, overload
 
 import anyio
+from sqlalchemy import inspect
 from sqlalchemy.engine import Result, ScalarResult
+from sqlalchemy.exc import InvalidRequestError
 from sqlalchemy.orm import Session, SessionTransaction
 from typing_extensions import ParamSpec, Self, TypeVarTuple, Unpack
 
@@ -177,8 +179,16 @@ class ThreadpoolSession:
 
         ``posts = await sess.load(user, "posts")`` loads a lazy relationship, a deferred column
         or an expired attribute without blocking the event loop; afterwards plain
-        ``user.posts`` reads the loaded value with no IO.
+        ``user.posts`` reads the loaded value with no IO. ``instance`` must belong to this
+        session (or be detached): loading through another session's connection from this
+        session's worker could touch that session from two threads at once.
         """
+        owner = inspect(instance).session
+        if owner is not None and owner is not self.sync_session:
+            raise InvalidRequestError(
+                f"{instance!r} belongs to another session: load its attributes with that "
+                "session's `load()`."
+            )
         return await self._offloader.call(lambda: getattr(instance, attribute))
 
     async def aclose(self) -> None:
