@@ -24,7 +24,15 @@ import sniffio
 import trio
 from sqlalchemy import Engine, delete, event, func, insert, select, text, update
 from sqlalchemy.exc import InvalidRequestError
-from sqlalchemy.orm import Session, selectinload, sessionmaker, subqueryload
+from sqlalchemy.orm import (
+    Session,
+    joinedload,
+    raiseload,
+    selectinload,
+    sessionmaker,
+    subqueryload,
+    undefer,
+)
 from sqlalchemy.sql import Executable
 
 from helpers import user_names
@@ -294,6 +302,44 @@ async def test_eager_and_lazy_loads_inside_run_never_raise(
         sess.expire(user, ["posts"])
         with pytest.raises(LazyLoadOnEventLoopError):  # the same access on the loop
             _ = user.posts
+
+
+EAGER_FIXES = {
+    "selectinload": select(User).options(selectinload(User.posts), undefer(User.bio)),
+    "joinedload": select(User).options(joinedload(User.posts), undefer(User.bio)),
+    "subqueryload": select(User).options(subqueryload(User.posts), undefer(User.bio)),
+}
+
+
+@pytest.mark.parametrize("fix", list(EAGER_FIXES))
+async def test_eager_loading_in_the_query_leaves_no_io_for_the_loop(
+    engine: Engine, io: DatabaseIO, user_id: int, fix: str
+) -> None:
+    """The fix the messages name first: eager-load in the awaited query, then read freely."""
+    maker = threadpool_sessionmaker(engine)
+    async with maker() as sess:
+        user = (await sess.scalars(EAGER_FIXES[fix])).unique().one()
+        await sess.commit()
+        before = io.counts()
+        assert sorted(post.title for post in user.posts) == ["one", "two"]
+        assert user.bio == "analyst"
+        assert io.counts() == before
+
+
+async def test_raiseload_finds_the_access_without_io(
+    engine: Engine, io: DatabaseIO, user_id: int
+) -> None:
+    """``lazy="raise"`` (here its per-query form): SQLAlchemy's own error, on any thread."""
+    maker = threadpool_sessionmaker(engine)
+    async with maker() as sess:
+        user = (await sess.scalars(select(User).options(raiseload(User.posts)))).one()
+        before = io.counts()
+        with pytest.raises(InvalidRequestError, match="lazy='raise'") as caught:
+            _ = user.posts
+        assert not isinstance(caught.value, BlockingOnEventLoopError)
+        assert io.counts() == before
+        with pytest.raises(InvalidRequestError, match="lazy='raise'"):
+            await sess.load(user, "posts")  # in a worker too: it is the mapping's choice
 
 
 # -- "raise": flushes, statements, commits -------------------------------------------------
