@@ -339,3 +339,33 @@ async def test_connection_killed_mid_statement(
         sess.add(User(name="after"))
     assert user_names(other_engine) == {"after"}
     assert_clean(engine, maker)
+
+
+@pytest.mark.parametrize("db_url", SERVER_KINDS, indirect=True)
+async def test_connection_lost_inside_a_block_then_rollback_continues_it(
+    engine: Engine, other_engine: Engine, dialect_name: str
+) -> None:
+    maker = threadpool_sessionmaker(engine)
+    url = engine.url.render_as_string(False)
+    async with threadpool_session(maker) as sess:
+        backend = int(await sess.scalar(text(_backend_id_sql(dialect_name))) or 0)
+        await anyio.to_thread.run_sync(_kill_idle, url, backend)
+        with pytest.raises(OperationalError) as caught:
+            await sess.execute(text("SELECT 1"))
+        assert_driver_error(caught.value, engine)
+        await sess.rollback()  # acknowledges the lost transaction; a fresh one follows
+        sess.add(User(name="after-rollback"))
+    assert user_names(other_engine) == {"after-rollback"}
+    assert_clean(engine, maker)
+
+
+def _kill_idle(url: str, backend: int) -> None:
+    admin = create_engine(url, poolclass=NullPool, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            if conn.dialect.name == "postgresql":
+                conn.execute(text(f"SELECT pg_terminate_backend({backend})"))
+            else:
+                conn.execute(text(f"KILL CONNECTION {backend}"))
+    finally:
+        admin.dispose()
