@@ -36,6 +36,7 @@ import statistics
 import sys
 import threading
 import time
+import traceback
 import uuid
 import warnings
 from pathlib import Path
@@ -43,7 +44,7 @@ from typing import Any
 
 import anyio
 from sqlalchemy import create_engine, text
-from sqlalchemy.exc import PendingRollbackError, SAWarning
+from sqlalchemy.exc import OperationalError, PendingRollbackError, SAWarning
 from sqlalchemy.pool import NullPool
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -103,6 +104,7 @@ class Soak:
         self.first_error_time: float | None = None
         self.last_error_time: float | None = None
         self.restart_began = 0.0
+        self.samples: list[dict[str, Any]] = []
 
     # -- workload -------------------------------------------------------------------------
 
@@ -186,6 +188,18 @@ class Soak:
             now = time.monotonic()
             self.first_error_time = self.first_error_time or now
             self.last_error_time = now
+            back = self.restart.get("back_at")
+            # not explained by the restart: before it began, or 5 s after the server was back
+            late = not self.restart_began or (back is not None and now - back > 5)
+            if (late or not isinstance(exc, OperationalError)) and len(self.samples) < 8:
+                line = str(exc).splitlines()[0][:160] if str(exc) else ""
+                when = round(now - self.restart_began, 2) if self.restart_began else None
+                self.samples.append(
+                    {"op": op, "phase": phase, "s_after_restart": when, "error": f"{name}: {line}"}
+                )
+                if not isinstance(exc, OperationalError):
+                    trace = "".join(traceback.format_exception(exc))
+                    self.samples[-1]["traceback"] = trace[-3000:]
             if isinstance(exc, PendingRollbackError | TransactionInterruptedError):
                 self.errors["UNEXPECTED " + type(exc).__name__] += 1
             if op in ("commit", "rollback", "cancel", "commit_timeout"):
@@ -208,7 +222,8 @@ class Soak:
         await anyio.sleep(self.args.down)
         await anyio.to_thread.run_sync(self.server.start)
         t2 = time.monotonic()
-        self.restart = {
+        self.restart["back_at"] = t2
+        self.restart |= {
             "at_s": round(at, 1),
             "stop_s": round(t1 - t0, 2),
             "down_s": round(t2 - t0, 2),
@@ -398,7 +413,8 @@ def main() -> int:
             "cancel_latency": percentiles(soak.cancel_latency),
             "timeout_latency": percentiles(soak.timeout_latency),
             "op_latency": percentiles(soak.op_latency),
-            "restart": soak.restart,
+            "restart": {k: v for k, v in soak.restart.items() if k != "back_at"},
+            "error_samples": soak.samples,
             "errors_from_s_to_s_after_restart_began": [
                 round(t - soak.restart_began, 2) if t and soak.restart_began else None
                 for t in (soak.first_error_time, soak.last_error_time)

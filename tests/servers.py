@@ -27,7 +27,22 @@ from sqlalchemy.pool import NullPool
 
 __all__ = ["ServerError", "ThrowawayServer", "free_port", "start_server"]
 
-PG_BIN = Path(os.environ.get("SATP_PG_BIN", "/usr/lib/postgresql/15/bin"))
+
+def _pg_bin() -> Path:
+    """``SATP_PG_BIN``, else the newest ``/usr/lib/postgresql/<version>/bin``, else ``PATH``."""
+    if os.environ.get("SATP_PG_BIN"):
+        return Path(os.environ["SATP_PG_BIN"])
+    versions = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin/initdb"),
+        key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0,
+    )
+    if versions:
+        return versions[-1].parent
+    found = shutil.which("initdb")
+    return Path(found).parent if found else Path("/usr/lib/postgresql/15/bin")
+
+
+PG_BIN = _pg_bin()
 MARIADB_INSTALL_DB = shutil.which("mariadb-install-db") or "/usr/bin/mariadb-install-db"
 MARIADBD = shutil.which("mariadbd") or "/usr/sbin/mariadbd"
 

@@ -12,16 +12,20 @@ the shared servers. When a throwaway server cannot be started the tests fail und
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
+import sys
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
-from sqlalchemy import Engine, create_engine, text
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.exc import OperationalError, PendingRollbackError
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
@@ -70,7 +74,23 @@ def idle_in_transaction(url: str) -> int:
         engine.dispose()
 
 
+def threads_inside_a_session() -> list[str]:
+    """Threads (other than this one) running a session's call right now."""
+    inside = []
+    for ident, frame in sys._current_frames().items():
+        stack = frame if ident != threading.get_ident() else None
+        while stack is not None:
+            code = stack.f_code
+            if code.co_name == "run" and code.co_filename.endswith("_offload.py"):
+                inside.append(str(ident))
+                break
+            stack = stack.f_back
+    return inside
+
+
 def assert_clean(engine: Engine, maker: threadpool_sessionmaker) -> None:
+    gc.collect()  # a connection garbage-collected unreturned would warn (an error) here
+    assert threads_inside_a_session() == []
     assert checked_out(engine) == 0
     assert maker.limiter.borrowed_tokens == 0
     assert admitted_offloaders(engine) == []
@@ -223,7 +243,7 @@ async def test_server_down_at_scope_entry_raises_the_driver_error_then_recovers(
         engine.dispose()
 
 
-@pytest.mark.parametrize("kind", ["postgresql", "mysql"])
+@pytest.mark.parametrize("kind", SERVER_KINDS)
 async def test_nobody_listening_raises_the_driver_error_and_holds_nothing(kind: str) -> None:
     port = free_port()
     url = (
@@ -369,3 +389,56 @@ def _kill_idle(url: str, backend: int) -> None:
                 conn.execute(text(f"KILL CONNECTION {backend}"))
     finally:
         admin.dispose()
+
+
+# -- a late cancel never reaches the next user of the connection ---------------------------
+
+
+@pytest.mark.parametrize("db_url", [k for k in SERVER_KINDS if k == "mysql"], indirect=True)
+async def test_a_late_cancel_never_hits_the_next_user_of_the_connection(
+    db_url: str, engine: Engine
+) -> None:
+    """The call is interrupted, its cancel is slow to arrive (a slow side connection, made
+    slower here), and meanwhile the worker ends its commit and gives the connection back; the
+    session that takes the connection next must not have its statement killed.
+    """
+    small = create_engine(db_url, pool_size=2, max_overflow=0)
+    maker = threadpool_sessionmaker(small)
+    slow_connect = threading.Event()
+
+    @event.listens_for(small, "do_connect")
+    def slow_side_connection(*args: Any) -> None:
+        if slow_connect.is_set():  # only the canceller connects after the warm-up
+            time.sleep(0.5)
+
+    def sleep_then_commit(session: Session) -> None:
+        time.sleep(0.3)  # interrupted in here; the cancel is on its way
+        session.commit()  # no cursor statement: the abandoned call may finish its COMMIT
+
+    bystander_error: list[BaseException] = []
+
+    async def bystander() -> None:
+        try:
+            async with threadpool_session(maker, new=True) as other:  # gets the committer's conn
+                await other.execute(slow_statement("mysql", 1))
+        except Exception as exc:
+            bystander_error.append(exc)
+
+    try:
+        with small.connect(), small.connect():  # warm up: the pool's two connections
+            pass
+        slow_connect.set()
+        async with threadpool_session(maker) as sess:
+            sess.add(User(name="committed-while-interrupted"))
+            await sess.flush()  # the committer holds one connection ...
+            with small.connect():  # ... and this the other: the bystander gets the first
+                async with anyio.create_task_group() as group:
+                    group.start_soon(bystander)
+                    with anyio.move_on_after(0.1):
+                        await sess.run(sleep_then_commit)
+            await sess.rollback()  # acknowledge the interruption
+        assert bystander_error == []
+        assert user_names(small) == {"committed-while-interrupted"}  # the COMMIT went through
+        assert_clean(small, maker)
+    finally:
+        small.dispose()

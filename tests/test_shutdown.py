@@ -23,7 +23,7 @@ import anyio
 import pytest
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.orm import Session
-from sqlalchemy.pool import NullPool
+from sqlalchemy.pool import NullPool, QueuePool
 
 from helpers import checked_out, slow_statement, user_names
 from models import User
@@ -135,6 +135,7 @@ async def test_shutdown_stops_statements_in_flight_and_disposes(
         outcomes
     )
     assert engine.pool is not old_pool  # disposed: a fresh pool replaced the old one
+    assert isinstance(old_pool, QueuePool)
     assert old_pool.checkedout() == 0
     assert maker.limiter.borrowed_tokens == 0
     assert admitted_offloaders(engine) == []

@@ -32,6 +32,7 @@ import threading
 import weakref
 from typing import Any, Protocol
 
+from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 
@@ -49,24 +50,69 @@ logger = logging.getLogger(__name__)
 SIDE_CONNECTION_TIMEOUT = 5
 
 #: The connections each of our sessions has used, recorded as they are checked out (in the
-#: worker) and read when cancelling (on the event loop): hence the lock.
-_connections: weakref.WeakKeyDictionary[Session, weakref.WeakSet[Connection]] = (
-    weakref.WeakKeyDictionary()
-)
+#: worker) and read when cancelling (on the event loop): hence the lock. Each with its pool
+#: entry's ``info`` and the number of check-ins it had seen then (see ``_still_ours``).
+_connections: weakref.WeakKeyDictionary[
+    Session, weakref.WeakKeyDictionary[Connection, tuple[dict[Any, Any], int]]
+] = weakref.WeakKeyDictionary()
 _connections_lock = threading.Lock()
+
+#: Keys in a pool entry's ``info``: the lock a cancel (or sever) holds while it acts on the
+#: DBAPI connection, which the pool's ``checkin`` waits for; and the number of check-ins.
+_CANCEL_LOCK = "sqlalchemy_threadpool.cancel_lock"
+_CHECKINS = "sqlalchemy_threadpool.checkins"
+
+_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
 
 
 def track_connections(session: Session, transaction: Any, connection: Connection) -> None:
     """``after_begin`` listener: remember which connections a session is using."""
+    info = connection.connection.info
+    engine = connection.engine
     with _connections_lock:
-        _connections.setdefault(session, weakref.WeakSet()).add(connection)
+        info.setdefault(_CANCEL_LOCK, threading.Lock())
+        if engine not in _engines:
+            event.listen(engine, "checkin", _on_checkin)
+            _engines.add(engine)
+        tracked = _connections.setdefault(session, weakref.WeakKeyDictionary())
+        tracked[connection] = (info, info.get(_CHECKINS, 0))
+
+
+def _on_checkin(dbapi_connection: Any, record: Any) -> None:
+    """Pool ``checkin`` listener: count check-ins, after any cancel in progress is done.
+
+    A connection is back in the pool, where another session may take it, only after this
+    returns; so a cancel that started while the session still had it can never reach the
+    statement of the next user of the connection.
+    """
+    info = record.info
+    lock = info.get(_CANCEL_LOCK)
+    if lock is None:
+        return
+    with lock:
+        info[_CHECKINS] = info.get(_CHECKINS, 0) + 1
 
 
 def session_connections(session: Session) -> list[Connection]:
     """The session's connections that are still open and valid."""
+    return [connection for connection, _, _ in _tracked(session)]
+
+
+def _tracked(session: Session) -> list[tuple[Connection, dict[Any, Any], int]]:
     with _connections_lock:
-        connections = list(_connections.get(session, ()))
-    return [c for c in connections if not c.closed and not c.invalidated]
+        entries = list(_connections.get(session, {}).items())
+    return [
+        (c, info, checkins)
+        for c, (info, checkins) in entries
+        if not c.closed and not c.invalidated
+    ]
+
+
+def _still_ours(connection: Connection, info: dict[Any, Any], checkins: int) -> bool:
+    """Whether the session still has the connection checked out (call with the lock held)."""
+    return (
+        not connection.closed and not connection.invalidated and info.get(_CHECKINS, 0) == checkins
+    )
 
 
 def _dbapi(connection: Connection) -> Any:
@@ -165,19 +211,22 @@ def cancel_statements(
     Runs in a helper thread. A failure is logged (at WARNING when ``loud``) and otherwise
     ignored: the caller goes on waiting for the statement to finish.
     """
-    for connection in session_connections(session):
-        dbapi = _dbapi(connection)
-        if dbapi is None or finished.is_set():
-            continue
-        try:
-            canceller.cancel(dbapi)
-        except Exception:
-            logger.log(
-                logging.WARNING if loud else logging.DEBUG,
-                "cancelling the statement in flight failed; waiting for it to finish instead "
-                "(for MySQL/MariaDB the user needs to be allowed to KILL the query)",
-                exc_info=True,
-            )
+    for connection, info, checkins in _tracked(session):
+        with info[_CANCEL_LOCK]:
+            if finished.is_set() or not _still_ours(connection, info, checkins):
+                continue  # the statement ended; the connection may already be someone else's
+            dbapi = _dbapi(connection)
+            if dbapi is None:
+                continue
+            try:
+                canceller.cancel(dbapi)
+            except Exception:
+                logger.log(
+                    logging.WARNING if loud else logging.DEBUG,
+                    "cancelling the statement in flight failed; waiting for it to finish "
+                    "instead (for MySQL/MariaDB the user needs to be allowed to KILL the query)",
+                    exc_info=True,
+                )
 
 
 def sever(session: Session) -> bool:
@@ -188,16 +237,19 @@ def sever(session: Session) -> bool:
     descriptor closed, so the driver's own bookkeeping stays sound.
     """
     severed = False
-    for connection in session_connections(session):
-        fd = _socket_fd(_dbapi(connection))
-        if fd is None:
-            continue
-        try:
-            with socket.socket(fileno=os.dup(fd)) as sock:
-                sock.shutdown(socket.SHUT_RDWR)
-            severed = True
-        except OSError:
-            logger.debug("shutting down a connection's socket failed", exc_info=True)
+    for connection, info, checkins in _tracked(session):
+        with info[_CANCEL_LOCK]:
+            if not _still_ours(connection, info, checkins):
+                continue
+            fd = _socket_fd(_dbapi(connection))
+            if fd is None:
+                continue
+            try:
+                with socket.socket(fileno=os.dup(fd)) as sock:
+                    sock.shutdown(socket.SHUT_RDWR)
+                severed = True
+            except OSError:
+                logger.debug("shutting down a connection's socket failed", exc_info=True)
     return severed
 
 
