@@ -212,7 +212,10 @@ def cancel_statements(
     ignored: the caller goes on waiting for the statement to finish.
     """
     for connection, info, checkins in _tracked(session):
-        with info[_CANCEL_LOCK]:
+        lock = info.get(_CANCEL_LOCK)
+        if lock is None:
+            continue  # the pool replaced the DBAPI connection: not the one we ran on
+        with lock:
             if finished.is_set() or not _still_ours(connection, info, checkins):
                 continue  # the statement ended; the connection may already be someone else's
             dbapi = _dbapi(connection)
@@ -238,7 +241,10 @@ def sever(session: Session) -> bool:
     """
     severed = False
     for connection, info, checkins in _tracked(session):
-        with info[_CANCEL_LOCK]:
+        lock = info.get(_CANCEL_LOCK)
+        if lock is None:
+            continue
+        with lock:
             if not _still_ours(connection, info, checkins):
                 continue
             fd = _socket_fd(_dbapi(connection))
