@@ -162,6 +162,71 @@ async def test_shutdown_rolls_back_an_idle_transaction(engine: Engine, db_url: s
     assert checked_out(engine) == 0
 
 
+@pytest.mark.anyio
+@pytest.mark.parametrize("db_url", SERVER_KINDS, indirect=True)
+async def test_shutdown_severs_a_statement_it_may_not_cancel(
+    engine: Engine, dialect_name: str, db_url: str
+) -> None:
+    """With ``cancel_statements=False`` shutdown() still ends in bounded time: at half its
+    timeout it cuts the connection the statement runs on."""
+    maker = threadpool_sessionmaker(engine, cancel_statements=False)
+    started = threading.Event()
+    outcome: list[BaseException] = []
+
+    def work(session: Session) -> None:
+        started.set()
+        session.execute(slow_statement(dialect_name, 30))
+
+    async def request() -> None:
+        try:
+            async with threadpool_session(maker) as sess:
+                await sess.run(work)
+        except Exception as exc:
+            outcome.append(exc)
+
+    try:
+        async with anyio.create_task_group() as group:
+            group.start_soon(request)
+            with anyio.fail_after(PROMPT_S):
+                while not started.is_set():  # noqa: ASYNC110
+                    await anyio.sleep(0.01)
+            await anyio.sleep(0.3)  # the statement is on the server now
+            begun = anyio.current_time()
+            await shutdown(maker, timeout=2)
+        elapsed = anyio.current_time() - begun
+        assert elapsed < PROMPT_S
+        assert len(outcome) == 1
+        assert isinstance(outcome[0], TransactionInterruptedError), outcome
+        assert checked_out(engine) == 0
+        assert admitted_offloaders(engine) == []
+    finally:
+        _stop_sleepers(db_url)  # the server was never asked to stop it: do it now
+
+
+def _stop_sleepers(url: str) -> None:
+    engine = create_engine(url, poolclass=NullPool, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            if conn.dialect.name == "postgresql":
+                conn.execute(
+                    text(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE "
+                        "datname = current_database() AND pid <> pg_backend_pid()"
+                    )
+                )
+                return
+            ids = conn.scalars(
+                text(
+                    "SELECT id FROM information_schema.processlist "
+                    "WHERE db = DATABASE() AND id <> CONNECTION_ID() AND command = 'Query'"
+                )
+            ).all()
+            for backend in ids:
+                conn.execute(text(f"KILL QUERY {int(backend)}"))
+    finally:
+        engine.dispose()
+
+
 # -- subprocesses -------------------------------------------------------------------------
 
 

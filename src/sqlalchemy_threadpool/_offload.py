@@ -416,8 +416,12 @@ class Offloader:
 
     async def _stop(self, work: _WorkerCall, sever_at: float | None = None) -> None:
         """Make an interrupted worker leave: cancel its statement until it does; shielded."""
-        if self._canceller is None:
-            await self._wait(work, None)  # no mechanism, or cancel_statements=False
+        if self._canceller is None:  # no mechanism, or cancel_statements=False: wait, but
+            if sever_at is not None:  # shutdown() cuts the connection at its deadline
+                left = await self._wait(work, max(0.0, sever_at - anyio.current_time()))
+                if not left:
+                    sever(self.session)
+            await self._wait(work, None)
             return
         if sever_at is None:
             sever_at = anyio.current_time() + self._cleanup_timeout
