@@ -297,22 +297,30 @@ class ThrowawayServer:
         self.start()
 
     def close(self) -> None:
-        """Stop the server (hard if need be) and delete its directory."""
+        """Stop the server at once (its data is thrown away) and delete its directory."""
         try:
-            self.stop()
-        except ServerError:
-            if self._process is not None:
+            if self._process is not None and self._process.poll() is None:
                 self._process.kill()
-            if self.kind == "postgresql":
+                self._process.wait(STEP_TIMEOUT_S)
+            if self.kind == "postgresql" and (self.data / "postmaster.pid").exists():
                 subprocess.run(
                     self._as_user(
-                        [str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "stop"]
+                        [
+                            str(PG_BIN / "pg_ctl"),
+                            "-D",
+                            str(self.data),
+                            "-m",
+                            "immediate",
+                            "-w",
+                            "stop",
+                        ]
                     ),
                     capture_output=True,
                     timeout=STEP_TIMEOUT_S,
                     check=False,
                 )
         finally:
+            self._process = None
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
