@@ -12,13 +12,17 @@ what a :class:`threadpool_sessionmaker` would do with the engine and what it cos
   event loop's lag under a small load, offloaded and with the same queries run on the loop;
 - concrete recommendations.
 
-``--json`` prints the same as one JSON object. A bad URL, an unreachable server or a missing
-driver is one ``error:`` line and exit status 1, never a traceback. Progress goes to stderr.
+``--json`` prints the same as one JSON object. A bad URL, an unreachable server, a missing
+driver or a missing database file is one ``error:`` line on stderr and exit status 1, never a
+traceback. Exit status 0 means the report was printed; 3 that it was printed but a
+``threadpool_sessionmaker`` refuses this engine (the report says why); 2 is a usage error.
+Progress goes to stderr (``--quiet`` silences it).
 """
 
 from __future__ import annotations
 
 import argparse
+from importlib import metadata
 import json
 import logging
 import math
@@ -61,6 +65,15 @@ _TIMEOUT_ARGS = {
     "mariadbconnector": "connect_timeout",
     "pg8000": "timeout",
 }
+#: How to bound statements on the server when the driver has no canceller.
+_SERVER_TIMEOUTS = {
+    "postgresql": "Bound statements on the server with statement_timeout.",
+    "mysql": "Bound statements on the server with max_execution_time (MySQL) or "
+    "max_statement_time (MariaDB).",
+    "mariadb": "Bound statements on the server with max_statement_time.",
+}
+#: Exit status when the report is printed but a maker refuses the engine.
+EXIT_REFUSED = 3
 SLEEP_SECONDS = 3.0
 CANCEL_AFTER = 0.2
 _THREADSAFETY = {
@@ -86,6 +99,14 @@ def _first_line(exc: BaseException) -> str:
     return lines[0].strip() if lines else type(inner).__name__
 
 
+def _missing_driver(drivername: str, exc: ImportError) -> str:
+    module = (exc.name or "").split(".")[0] or str(exc)
+    return (
+        f"the driver for {drivername} is not installed: no module {module!r} "
+        f"(pip install {_PIP_NAMES.get(module, module)})"
+    )
+
+
 def open_engine(args: argparse.Namespace) -> Engine:
     """The engine for ``args.url``, connected once; :class:`DoctorError` if it cannot be."""
     try:
@@ -97,6 +118,15 @@ def open_engine(args: argparse.Namespace) -> Engine:
         ) from None
     shown = url.render_as_string(hide_password=True)
     backend = url.get_backend_name()
+    try:
+        driver = url.get_driver_name()  # loads the dialect when the URL names no driver
+    except NoSuchModuleError:
+        raise DoctorError(
+            f"unknown dialect {url.drivername!r} in {shown} (is its SQLAlchemy dialect package "
+            "installed?)"
+        ) from None
+    except ImportError as exc:
+        raise DoctorError(_missing_driver(url.drivername, exc)) from None
     if (
         backend in ("sqlite", "duckdb")
         and url.database not in (None, "")
@@ -110,7 +140,7 @@ def open_engine(args: argparse.Namespace) -> Engine:
     if args.max_overflow is not None:
         kwargs["max_overflow"] = args.max_overflow
     connect_args: dict[str, Any] = {}
-    timeout_arg = _TIMEOUT_ARGS.get(url.get_driver_name())
+    timeout_arg = _TIMEOUT_ARGS.get(driver)
     if timeout_arg is not None and backend not in ("sqlite", "duckdb"):
         connect_args[timeout_arg] = args.connect_timeout
     if backend == "duckdb" and url.database and not url.database.startswith(":memory:"):
@@ -123,11 +153,7 @@ def open_engine(args: argparse.Namespace) -> Engine:
             "dialect package installed?)"
         ) from None
     except ImportError as exc:
-        module = (exc.name or "").split(".")[0] or str(exc)
-        raise DoctorError(
-            f"the driver for {url.drivername} is not installed: no module {module!r} "
-            f"(pip install {_PIP_NAMES.get(module, module)})"
-        ) from None
+        raise DoctorError(_missing_driver(url.drivername, exc)) from None
     except TypeError as exc:
         raise DoctorError(f"bad engine options for {shown}: {exc}") from None
     if engine.dialect.is_async:
@@ -149,11 +175,21 @@ def open_engine(args: argparse.Namespace) -> Engine:
 # -- what the engine and a maker would do ------------------------------------------------
 
 
+def _distribution_version(name: str) -> tuple[int | str, ...] | None:
+    try:
+        return tuple(int(p) if p.isdigit() else p for p in metadata.version(name).split("."))
+    except metadata.PackageNotFoundError:
+        return None
+
+
 def _facts(engine: Engine) -> dict[str, Any]:
     dialect = engine.dialect
     dbapi = dialect.loaded_dbapi
     threadsafety = getattr(dbapi, "threadsafety", None)
     version = dialect.server_version_info
+    module = getattr(dbapi, "__name__", None) or type(dbapi).__module__.split(".")[0]
+    if dialect.name == "duckdb":  # duckdb-engine reports PostgreSQL 8.0, its SQL flavour
+        module, version = "duckdb", _distribution_version("duckdb")
     pool = engine.pool
     capacity = pool_capacity(engine)
     facts: dict[str, Any] = {
@@ -162,7 +198,7 @@ def _facts(engine: Engine) -> dict[str, Any]:
         "driver": dialect.driver,
         "server_version": ".".join(str(part) for part in version) if version else None,
         "dbapi": {
-            "module": getattr(dbapi, "__name__", type(dbapi).__name__),
+            "module": module,
             "threadsafety": threadsafety,
             "meaning": _THREADSAFETY.get(threadsafety, "not declared")
             if isinstance(threadsafety, int)
@@ -333,6 +369,7 @@ async def _loop_lag(
             for _ in range(tasks):
                 tg.start_soon(one)
 
+    await offloaded()  # warm-up, unmeasured: connections and worker threads are created once
     return {
         "load": f"{tasks} tasks x {queries} point queries",
         "threadpool": await _lag_ms(offloaded),
@@ -378,9 +415,11 @@ def _recommendations(report: dict[str, Any], engine: Engine) -> list[str]:
     if cancel and not cancel.get("mechanism"):
         advice.append(
             f"No server-side cancel for {report['dialect']}+{report['driver']}: a cancelled "
-            "or timed-out await waits for its statement to finish. Bound statements on the "
-            "server (PostgreSQL statement_timeout, MySQL max_execution_time, MariaDB "
-            "max_statement_time)."
+            "or timed-out await waits for its statement to finish. "
+            + _SERVER_TIMEOUTS.get(
+                report["dialect"],
+                "Keep statements short, or bound them with the database's own timeout.",
+            )
         )
     elif cancel.get("tested") and not cancel.get("works"):
         problems = " ".join(cancel.get("problems") or [])
@@ -402,8 +441,9 @@ def _recommendations(report: dict[str, Any], engine: Engine) -> list[str]:
     lag = (report.get("loop_lag") or {}).get("threadpool")
     if lag and lag["p99_ms"] > 10:
         advice.append(
-            f"The loop lagged {lag['p99_ms']} ms (p99) even with offloading: something else "
-            "blocks it (CPU-heavy work, another sync call); this machine may also be busy."
+            f"The loop lagged {lag['p99_ms']} ms (p99) even with offloading: something holds "
+            "the event loop or the GIL (CPU-heavy work, a sync call on the loop, a driver that "
+            "keeps the GIL while it waits); on a busy machine run doctor again to be sure."
         )
     if report["dialect"] == "sqlite" and engine.url.database not in (None, "", ":memory:"):
         with engine.connect() as conn:
@@ -490,7 +530,7 @@ def _table(report: dict[str, Any]) -> str:
     lines += [f"  {name:<{width}}  {value}" for name, value in rows]
     lines += ["", "Recommendations:"]
     advice = report["recommendations"] or ["none: this engine is ready for threadpool sessions."]
-    lines += [f"  {n}. {item}" for n, item in enumerate(advice, 1)]
+    lines += [f"  {n}. " + item.replace("\n", "\n     ") for n, item in enumerate(advice, 1)]
     return "\n".join(lines)
 
 
@@ -542,4 +582,4 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {type(exc).__name__}: {_first_line(exc)}", file=sys.stderr)
         return 1
     print(json.dumps(report, indent=2) if args.json else _table(report))
-    return 0
+    return EXIT_REFUSED if report["limiter"]["error"] else 0

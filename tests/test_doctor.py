@@ -1,0 +1,262 @@
+"""``python -m sqlalchemy_threadpool doctor URL``: a report on real databases, clean failures.
+
+The command is run in-process through ``main(argv)`` (its output captured), and once as a
+subprocess to show that what a user sees on a failure is one line, not a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, create_engine, text
+
+from sqlalchemy_threadpool.__main__ import main
+
+#: Few samples: the tests check the report's shape and verdicts, not the figures.
+FAST = ["--samples", "5", "--quiet"]
+
+#: The documented keys of ``--json`` (docs/doctor.md lists them).
+TOP_KEYS = {
+    "url",
+    "dialect",
+    "driver",
+    "server_version",
+    "dbapi",
+    "pool",
+    "limiter",
+    "cancel",
+    "timings",
+    "loop_lag",
+    "backend",
+    "recommendations",
+}
+
+
+def doctor(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    status = main(["doctor", *argv])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def doctor_json(capsys: pytest.CaptureFixture[str], url: str, *argv: str) -> dict[str, Any]:
+    status, out, err = doctor(capsys, url, "--json", *FAST, *argv)
+    assert status == 0, err
+    assert err == ""  # --quiet: no progress lines
+    report: dict[str, Any] = json.loads(out)
+    return report
+
+
+def check_report_shape(report: dict[str, Any]) -> None:
+    assert set(report) == TOP_KEYS
+    assert set(report["dbapi"]) == {"module", "threadsafety", "meaning"}
+    assert {"class", "capacity", "bounded", "timeout_s"} <= set(report["pool"])
+    assert set(report["limiter"]) == {"tokens", "follows_pool", "error"}
+    assert {"mechanism", "tested", "works"} <= set(report["cancel"])
+    assert set(report["timings"]) == {
+        "samples",
+        "to_thread_hop_us",
+        "session_hop_us",
+        "point_query_direct_us",
+        "point_query_offloaded_us",
+    }
+    assert report["timings"]["samples"] == 5
+    assert all(value > 0 for value in report["timings"].values())
+    for side in ("threadpool", "sync_on_the_loop"):
+        assert set(report["loop_lag"][side]) == {"p50_ms", "p99_ms", "max_ms"}
+    assert all(isinstance(item, str) for item in report["recommendations"])
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_report_on_each_test_database(
+    capsys: pytest.CaptureFixture[str], engine: Engine, db_url: str, backend: str
+) -> None:
+    report = doctor_json(capsys, db_url, "--backend", backend, "--pool-size", "4")
+    check_report_shape(report)
+    assert report["backend"] == backend
+    assert report["dialect"] == engine.dialect.name
+    assert report["driver"] == engine.dialect.driver
+    assert report["pool"] == {
+        "class": "QueuePool",
+        "capacity": 14,
+        "bounded": True,
+        "timeout_s": 30.0,
+        "size": 4,
+        "max_overflow": 10,
+    }
+    assert report["limiter"] == {"tokens": 14, "follows_pool": True, "error": None}
+    # psycopg2 cancel(), KILL QUERY and sqlite3 interrupt() all stop the sleep statement.
+    assert report["cancel"]["mechanism"] is True
+    assert report["cancel"]["tested"] is True
+    assert report["cancel"]["works"] is True, report["cancel"]
+    assert report["cancel"]["returned_after_deadline_s"] < 1.5
+    assert not any("Statement cancel did not stop" in item for item in report["recommendations"])
+    assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+
+
+def test_readable_table(capsys: pytest.CaptureFixture[str], engine: Engine, db_url: str) -> None:
+    status, out, err = doctor(capsys, db_url, "--samples", "5")
+    assert status == 0
+    lines = out.splitlines()
+    assert lines[0].startswith("sqlalchemy-threadpool doctor: ")
+    labels = {line.split("  ")[1] for line in lines if line.startswith("  ") and "  " in line[2:]}
+    assert {"database", "DBAPI", "pool", "maker limiter", "statement cancel"} <= labels
+    assert {"thread hop", "point query", "event-loop lag"} <= labels
+    assert "Recommendations:" in lines
+    # progress went to stderr, one line per step
+    progress = err.splitlines()
+    assert progress[0].startswith("doctor: connecting to ")
+    assert len(progress) == 4
+    assert all(line.startswith("doctor: ") for line in progress)
+
+
+def test_the_password_is_never_shown(capsys: pytest.CaptureFixture[str]) -> None:
+    url = "postgresql+psycopg2://someone:s3cret@127.0.0.1:1/nowhere"
+    status, out, err = doctor(capsys, url, "--connect-timeout", "2", "-q")
+    assert status == 1
+    assert "s3cret" not in out + err
+    assert "someone:***@127.0.0.1:1" in err
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_duckdb_file(capsys: pytest.CaptureFixture[str], tmp_path: Path, backend: str) -> None:
+    pytest.importorskip("duckdb_engine")
+    path = tmp_path / "app.duckdb"
+    engine = create_engine(f"duckdb:///{path}")
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE t (x INTEGER)"))
+    engine.dispose()
+    report = doctor_json(capsys, f"duckdb:///{path}", "--backend", backend)
+    check_report_shape(report)
+    assert report["dialect"] == "duckdb"
+    assert report["dbapi"]["module"] == "duckdb"
+    assert report["server_version"] != "8.0"  # duckdb's version, not the PostgreSQL it mimics
+    assert report["limiter"]["follows_pool"] is True
+    assert report["cancel"] == {"mechanism": False, "tested": False, "works": None}
+    assert any("No server-side cancel" in item for item in report["recommendations"])
+    assert any("DuckDB lets one process write" in item for item in report["recommendations"])
+
+
+def test_sqlite_journal_mode_advice(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    path = tmp_path / "app.db"
+    engine = create_engine(f"sqlite:///{path}")
+    with engine.connect() as conn:
+        conn.exec_driver_sql("CREATE TABLE t (x INTEGER)")
+    advice = doctor_json(capsys, f"sqlite:///{path}")["recommendations"]
+    assert any("journal_mode is delete" in item for item in advice)
+    with engine.connect() as conn:
+        conn.exec_driver_sql("PRAGMA journal_mode=WAL")
+    engine.dispose()
+    advice = doctor_json(capsys, f"sqlite:///{path}")["recommendations"]
+    assert not any("journal_mode" in item for item in advice)
+
+
+def test_a_refused_engine_is_reported_with_exit_status_3(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    status, out, _ = doctor(capsys, "sqlite://", *FAST)
+    assert status == 3
+    assert "maker limiter  refused: This SQLite engine is in memory" in out
+    assert "poolclass=StaticPool" in out
+
+
+# -- failures: one line on stderr, exit status 1, no traceback ------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        pytest.param("not a url", "error: not a database URL: 'not a url'", id="bad-url"),
+        pytest.param(
+            "postgresql+psycopg2://postgres@127.0.0.1:1/test",
+            "error: cannot connect to postgresql+psycopg2://postgres@127.0.0.1:1/test: ",
+            id="unreachable-server",
+        ),
+        pytest.param(
+            "mysql+pymysql://root@127.0.0.1:1/test",
+            "error: cannot connect to mysql+pymysql://root@127.0.0.1:1/test: ",
+            id="unreachable-mysql",
+        ),
+        pytest.param(
+            "mssql+pymssql://u@127.0.0.1/db",
+            "error: the driver for mssql+pymssql is not installed: no module 'pymssql' "
+            "(pip install pymssql)",
+            id="missing-driver",
+        ),
+        pytest.param(
+            "postgresql+nosuchdriver://u@127.0.0.1/db",
+            "error: unknown dialect or driver 'postgresql+nosuchdriver'",
+            id="unknown-driver",
+        ),
+        pytest.param(
+            "nosuchdialect://u@127.0.0.1/db",
+            "error: unknown dialect 'nosuchdialect'",
+            id="unknown-dialect",
+        ),
+        pytest.param(
+            "sqlite:////nonexistent/dir/app.db",
+            "error: no database file '/nonexistent/dir/app.db'",
+            id="missing-sqlite-file",
+        ),
+        pytest.param(
+            "duckdb:////nonexistent/dir/app.duckdb",
+            "error: no database file '/nonexistent/dir/app.duckdb'",
+            id="missing-duckdb-file",
+        ),
+    ],
+)
+def test_failures_are_one_line(
+    capsys: pytest.CaptureFixture[str], url: str, expected: str
+) -> None:
+    status, out, err = doctor(capsys, url, "--connect-timeout", "2", "-q")
+    assert status == 1
+    assert out == ""
+    assert err.startswith(expected)
+    assert err.count("\n") == 1
+    assert "Traceback" not in err
+
+
+def test_missing_sqlite_file_is_not_created(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    path = tmp_path / "typo.db"
+    status, _, err = doctor(capsys, f"sqlite:///{path}", "-q")
+    assert status == 1
+    assert "doctor does not create one" in err
+    assert not path.exists()
+
+
+def test_async_driver_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("psycopg")  # psycopg 3 is both sync and async; the test group has it
+    status, _, err = doctor(capsys, "postgresql+psycopg_async://postgres@127.0.0.1/test", "-q")
+    assert status == 1
+    assert err.startswith("error: postgresql+psycopg_async is an async driver: ")
+    assert "AsyncSession" in err
+
+
+def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["doctor", "sqlite://", "--samples", "0"])
+    assert info.value.code == 2
+    assert "--samples must be at least 1" in capsys.readouterr().err
+
+
+def test_failure_from_a_subprocess_is_one_line(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.db"
+    proc = subprocess.run(
+        [sys.executable, "-m", "sqlalchemy_threadpool", "doctor", f"sqlite:///{missing}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 1
+    assert proc.stdout == ""
+    assert proc.stderr.splitlines() == [
+        f"doctor: connecting to sqlite:///{missing} ...",
+        f"error: no database file '{missing}' (doctor does not create one)",
+    ]
