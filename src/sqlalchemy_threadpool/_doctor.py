@@ -22,7 +22,6 @@ Progress goes to stderr (``--quiet`` silences it).
 from __future__ import annotations
 
 import argparse
-from importlib import metadata
 import json
 import logging
 import math
@@ -31,6 +30,7 @@ import statistics
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from importlib import metadata
 from typing import Any
 
 import anyio
