@@ -1,6 +1,6 @@
-"""The two plain-script examples of the docs run as written, on every test database.
+"""The plain-script examples of the docs run as written (on every test database if they can).
 
-``examples/asyncio_script.py`` and ``examples/trio_script.py`` are pulled into the docs with
+``examples/asyncio_script.py``, ``trio_script.py`` and ``duckdb_script.py`` are pulled into the docs with
 ``literalinclude``; here each runs as a user would run it (a subprocess, ``DATABASE_URL`` in the
 environment) and prints what the docs say it prints.
 """
@@ -52,5 +52,14 @@ def test_trio_script(engine: Engine, db_url: str, tmp_path: Path) -> None:
         "/page/1 25",
         "/page/2 25",
         "/page/3 25",
+        "connections checked out: 0",
+    ]
+
+
+def test_duckdb_script(tmp_path: Path) -> None:
+    pytest.importorskip("duckdb_engine")
+    assert run_example("duckdb_script.py", "unused", tmp_path) == [
+        "sale: 124000",
+        "refund: 125000",
         "connections checked out: 0",
     ]
