@@ -51,9 +51,13 @@ async def total(maker: threadpool_sessionmaker, kind: str) -> tuple[str, int]:
         return kind, int(amount or 0)
 
 
-async def main() -> None:
+def reset() -> None:
     if os.path.exists(PATH):
         os.remove(PATH)
+
+
+async def main() -> None:
+    reset()  # before the loop has work to do; a real app would do this at start-up
     engine = create_engine(f"duckdb:///{PATH}")  # a file: QueuePool, 5 + 10 connections
     await asyncio.to_thread(Base.metadata.create_all, engine)
     maker = threadpool_sessionmaker(engine)

@@ -1,8 +1,8 @@
 """The plain-script examples of the docs run as written (on every test database if they can).
 
-``examples/asyncio_script.py``, ``trio_script.py`` and ``duckdb_script.py`` are pulled into the docs with
-``literalinclude``; here each runs as a user would run it (a subprocess, ``DATABASE_URL`` in the
-environment) and prints what the docs say it prints.
+``examples/asyncio_script.py``, ``trio_script.py`` and ``duckdb_script.py`` are pulled into
+the docs with ``literalinclude``; here each runs as a user would run it (a subprocess,
+``DATABASE_URL`` in the environment) and prints what the docs say it prints.
 """
 
 from __future__ import annotations
