@@ -116,7 +116,7 @@ class threadpool_sessionmaker:
         return _BeginContext(self())
 
     def configure(self, **new_kw: Any) -> None:
-        """Reconfigure the underlying sessionmaker, as :meth:`sessionmaker.configure`."""
+        """Reconfigure the sync sessionmaker: :meth:`sqlalchemy.orm.sessionmaker.configure`."""
         self.sync_maker.configure(**new_kw)
 
     def __repr__(self) -> str:

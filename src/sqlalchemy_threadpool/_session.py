@@ -218,7 +218,7 @@ class ThreadpoolSession:
 
     @property
     def no_autoflush(self) -> Any:
-        """A context manager that disables autoflush, as :attr:`Session.no_autoflush`."""
+        """A context manager disabling autoflush: :attr:`sqlalchemy.orm.Session.no_autoflush`."""
         return self.sync_session.no_autoflush
 
     def __contains__(self, instance: object) -> bool:

@@ -1,0 +1,160 @@
+"""Sphinx configuration: ``sphinx-build -n -W --keep-going -b html docs docs/_build/html``.
+
+Intersphinx reads each project's live inventory first and falls back to the small inventory
+shipped in ``docs/_inventories/`` (made by ``docs/_inventories/make.py``) when the site cannot
+be reached, as in an offline CI runner: an unreachable inventory is then an info line, not a
+warning, and the build stays deterministic.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from importlib.metadata import version as _version
+from pathlib import Path
+from typing import Any
+
+from sphinx.ext.intersphinx import missing_reference
+from sphinx.util.docutils import SphinxDirective
+
+DOCS = Path(__file__).resolve().parent
+sys.path.insert(0, str(DOCS.parent / "src"))  # autodoc without installing, if need be
+
+project = "sqlalchemy-threadpool"
+author = "sqlalchemy-threadpool developers"
+copyright = "2026, sqlalchemy-threadpool developers"
+release = _version("sqlalchemy-threadpool")
+version = ".".join(release.split(".")[:2])
+
+extensions = [
+    "myst_parser",
+    "sphinx.ext.autodoc",
+    "sphinx.ext.intersphinx",
+    "sphinx.ext.viewcode",
+]
+
+source_suffix = {".md": "markdown", ".rst": "restructuredtext"}
+root_doc = "index"
+exclude_patterns = ["_build", "_inventories", "Thumbs.db", ".DS_Store"]
+
+myst_enable_extensions = ["colon_fence", "deflist"]
+myst_heading_anchors = 3
+
+# -- cross-references --------------------------------------------------------------------
+
+_INV = str(DOCS / "_inventories")
+intersphinx_mapping = {
+    "python": ("https://docs.python.org/3", (None, f"{_INV}/python.inv")),
+    "sqlalchemy": ("https://docs.sqlalchemy.org/en/20", (None, f"{_INV}/sqlalchemy.inv")),
+    "anyio": ("https://anyio.readthedocs.io/en/stable", (None, f"{_INV}/anyio.inv")),
+    "trio": ("https://trio.readthedocs.io/en/stable", (None, f"{_INV}/trio.inv")),
+}
+intersphinx_timeout = 5  # an offline runner fails fast, then reads the shipped inventory
+
+# -- API reference -----------------------------------------------------------------------
+
+autodoc_member_order = "bysource"
+autodoc_typehints = "signature"
+autodoc_default_options = {"members": True, "show-inheritance": True}
+autodoc_preserve_defaults = True
+
+nitpicky = True
+nitpick_ignore_regex = [
+    # Private names in signatures: type variables, aliases, SQLAlchemy's private typing.
+    ("py:.*", r"(sqlalchemy_threadpool\.)?_.*"),
+    ("py:.*", r"sqlalchemy\..*\._.*"),
+    ("py:class", r"(P|R|T|_R|_T|_Ts)(\.args|\.kwargs)?"),
+    ("py:class", r"typing_extensions\..*"),
+    # SQLAlchemy's typing aliases in its own signatures, undocumented there too.
+    ("py:class", r"OrmExecuteOptionsParameter|TypedReturnsRows"),
+    ("py:class", r"Offloader"),  # ThreadpoolSession.__init__: sessions come from a maker
+]
+
+#: Where annotations name a class by its defining module, the name the docs use for it.
+PUBLIC_NAMES = {
+    "Executable": "sqlalchemy.sql.expression.Executable",
+    "sqlalchemy.engine.base.Connection": "sqlalchemy.engine.Connection",
+    "sqlalchemy.engine.base.Engine": "sqlalchemy.engine.Engine",
+    "sqlalchemy.engine.result.Result": "sqlalchemy.engine.Result",
+    "sqlalchemy.engine.result.ScalarResult": "sqlalchemy.engine.ScalarResult",
+    "sqlalchemy.engine.row.RowMapping": "sqlalchemy.engine.RowMapping",
+    "sqlalchemy.orm.session.Session": "sqlalchemy.orm.Session",
+    "sqlalchemy.orm.session.SessionTransaction": "sqlalchemy.orm.SessionTransaction",
+}
+
+
+def _public_name(app: Any, env: Any, node: Any, contnode: Any) -> Any:
+    """``missing-reference``: retry ``sqlalchemy.orm.session.Session`` as its public name."""
+    target = PUBLIC_NAMES.get(node.get("reftarget", ""))
+    if target is None:
+        return None
+    node["reftarget"] = target
+    return missing_reference(app, env, node, contnode)
+
+
+class SessionMembers(SphinxDirective):
+    """``session-members``: the members ``ThreadpoolSession`` generates from ``Session``.
+
+    Its IO methods (``get``, ``flush``, ``commit``, ...) and plain members (``add``, ``new``,
+    ...) are declared as descriptors over the sync ``Session``'s own methods, which autodoc
+    does not see; this lists each with the sync method's signature and a link to it.
+    """
+
+    def run(self) -> list[Any]:
+        from sqlalchemy_threadpool._session import (
+            ThreadpoolSession,
+            _attribute,
+            _offloaded,
+            _plain,
+        )
+
+        lines = [".. py:currentmodule:: sqlalchemy_threadpool", ""]
+        for name, member in vars(ThreadpoolSession).items():
+            target = f":meth:`Session.{name}() <sqlalchemy.orm.Session.{name}>`"
+            if isinstance(member, _offloaded):
+                lines += [
+                    f".. py:method:: ThreadpoolSession.{name}{_signature(member._method)}",
+                    "   :async:",
+                    "",
+                    f"   Awaitable {target}, run in a worker thread; a result comes back",
+                    "   buffered.",
+                    "",
+                ]
+            elif isinstance(member, _plain):
+                lines += [
+                    f".. py:method:: ThreadpoolSession.{name}{_signature(member._method)}",
+                    "",
+                    f"   {target} itself: no IO, so a plain call.",
+                    "",
+                ]
+            elif isinstance(member, _attribute):
+                lines += [
+                    f".. py:attribute:: ThreadpoolSession.{name}",
+                    "",
+                    f"   ``Session.{name}`` of :attr:`sync_session`: no IO.",
+                    "",
+                ]
+        return self.parse_text_to_nodes("\n".join(lines))
+
+
+def _signature(method: Any) -> str:
+    """The method's signature without ``self`` and without annotations (SQLAlchemy's are
+    private aliases that cannot be linked)."""
+    signature = inspect.signature(method)
+    parameters = [
+        parameter.replace(annotation=inspect.Parameter.empty)
+        for parameter in list(signature.parameters.values())[1:]
+    ]
+    return str(signature.replace(parameters=parameters, return_annotation=inspect.Signature.empty))
+
+
+def setup(app: Any) -> None:
+    app.connect("missing-reference", _public_name, priority=400)
+    app.add_directive("session-members", SessionMembers)
+
+
+# -- HTML --------------------------------------------------------------------------------
+
+html_theme = "furo"
+html_title = f"sqlalchemy-threadpool {release}"
+html_static_path: list[str] = []
