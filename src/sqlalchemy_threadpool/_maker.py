@@ -130,7 +130,7 @@ class _BeginContext:
     __slots__ = ("session",)
 
     def __init__(self, session: ThreadpoolSession) -> None:
-        self.session = session
+        self.session: ThreadpoolSession = session
 
     async def __aenter__(self) -> ThreadpoolSession:
         return self.session

@@ -232,7 +232,7 @@ class Offloader:
         cleanup_timeout: float = CLEANUP_TIMEOUT,
         strict: bool = False,
     ) -> None:
-        self.session = session
+        self.session: Session = session
         self._limiter = limiter
         self._admission_timeout = admission_timeout
         self._canceller = canceller

@@ -14,7 +14,7 @@ import logging
 from collections.abc import Callable, Coroutine, Generator, Iterator, Mapping
 from functools import partial
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Concatenate, Generic, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Concatenate, Final, Generic, TypeVar, overload
 
 import anyio
 from sqlalchemy import inspect
@@ -32,6 +32,8 @@ if TYPE_CHECKING:
     from sqlalchemy.orm.session import _BindArguments
     from sqlalchemy.sql.base import Executable
     from sqlalchemy.sql.selectable import TypedReturnsRows
+
+    from ._maker import threadpool_sessionmaker
 
 __all__ = ["ThreadpoolSession", "ThreadpoolSessionTransaction"]
 
@@ -120,10 +122,13 @@ class ThreadpoolSession:
     sync_session: Session
     """The synchronous session behind the facade; use it inside :meth:`run`."""
 
-    def __init__(self, sync_session: Session, offloader: Offloader, maker: Any) -> None:
+    def __init__(
+        self, sync_session: Session, offloader: Offloader, maker: threadpool_sessionmaker
+    ) -> None:
         self.sync_session = sync_session
         self._offloader = offloader
-        self.maker = maker
+        self.maker: threadpool_sessionmaker = maker
+        """The maker that made this session."""
 
     def __repr__(self) -> str:
         state = "closed" if self._offloader.closed else "open"
@@ -161,18 +166,18 @@ class ThreadpoolSession:
 
     # -- IO members, generated --------------------------------------------------------
 
-    get = _offloaded(Session.get)
-    get_one = _offloaded(Session.get_one)
-    flush = _offloaded(Session.flush)
-    commit = _offloaded(Session.commit)
-    rollback = _offloaded(Session.rollback)
-    close = _offloaded(Session.close)
-    reset = _offloaded(Session.reset)
-    refresh = _offloaded(Session.refresh)
-    merge = _offloaded(Session.merge)
-    delete = _offloaded(Session.delete)
-    connection = _offloaded(Session.connection)
-    invalidate = _offloaded(Session.invalidate)
+    get: Final = _offloaded(Session.get)
+    get_one: Final = _offloaded(Session.get_one)
+    flush: Final = _offloaded(Session.flush)
+    commit: Final = _offloaded(Session.commit)
+    rollback: Final = _offloaded(Session.rollback)
+    close: Final = _offloaded(Session.close)
+    reset: Final = _offloaded(Session.reset)
+    refresh: Final = _offloaded(Session.refresh)
+    merge: Final = _offloaded(Session.merge)
+    delete: Final = _offloaded(Session.delete)
+    connection: Final = _offloaded(Session.connection)
+    invalidate: Final = _offloaded(Session.invalidate)
 
     async def load(self, instance: object, attribute: str) -> Any:
         """Load ``instance.<attribute>`` in a worker and return it: an awaitable lazy load.
@@ -197,24 +202,24 @@ class ThreadpoolSession:
 
     # -- non-IO members, generated ----------------------------------------------------
 
-    add = _plain(Session.add)
-    add_all = _plain(Session.add_all)
-    expunge = _plain(Session.expunge)
-    expunge_all = _plain(Session.expunge_all)
-    expire = _plain(Session.expire)
-    expire_all = _plain(Session.expire_all)
-    in_transaction = _plain(Session.in_transaction)
-    in_nested_transaction = _plain(Session.in_nested_transaction)
-    is_modified = _plain(Session.is_modified)
+    add: Final = _plain(Session.add)
+    add_all: Final = _plain(Session.add_all)
+    expunge: Final = _plain(Session.expunge)
+    expunge_all: Final = _plain(Session.expunge_all)
+    expire: Final = _plain(Session.expire)
+    expire_all: Final = _plain(Session.expire_all)
+    in_transaction: Final = _plain(Session.in_transaction)
+    in_nested_transaction: Final = _plain(Session.in_nested_transaction)
+    is_modified: Final = _plain(Session.is_modified)
 
-    new = _attribute(lambda s: s.new)
-    dirty = _attribute(lambda s: s.dirty)
-    deleted = _attribute(lambda s: s.deleted)
-    identity_map = _attribute(lambda s: s.identity_map)
-    info = _attribute(lambda s: s.info)
-    bind = _attribute(lambda s: s.bind)
-    is_active = _attribute(lambda s: s.is_active)
-    autoflush = _attribute(lambda s: s.autoflush)
+    new: Final = _attribute(lambda s: s.new)
+    dirty: Final = _attribute(lambda s: s.dirty)
+    deleted: Final = _attribute(lambda s: s.deleted)
+    identity_map: Final = _attribute(lambda s: s.identity_map)
+    info: Final = _attribute(lambda s: s.info)
+    bind: Final = _attribute(lambda s: s.bind)
+    is_active: Final = _attribute(lambda s: s.is_active)
+    autoflush: Final = _attribute(lambda s: s.autoflush)
 
     @property
     def no_autoflush(self) -> Any:
@@ -402,8 +407,8 @@ class ThreadpoolSessionTransaction:
     __slots__ = ("nested", "session", "sync_transaction")
 
     def __init__(self, session: ThreadpoolSession, *, nested: bool) -> None:
-        self.session = session
-        self.nested = nested
+        self.session: ThreadpoolSession = session
+        self.nested: bool = nested
         self.sync_transaction: SessionTransaction | None = None
 
     @property

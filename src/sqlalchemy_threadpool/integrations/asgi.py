@@ -86,9 +86,9 @@ class CommitPolicy:
                 f"Status codes {sorted(overlap)} are in both extra_commit_statuses and "
                 "extra_rollback_statuses; each status may only commit or roll back."
             )
-        self.commit_on_redirect = commit_on_redirect
-        self.extra_commit_statuses = commits
-        self.extra_rollback_statuses = rollbacks
+        self.commit_on_redirect: bool = commit_on_redirect
+        self.extra_commit_statuses: frozenset[int] = commits
+        self.extra_rollback_statuses: frozenset[int] = rollbacks
 
     def commits(self, status: int) -> bool:
         """Whether a response with this status commits."""
@@ -144,7 +144,7 @@ class SessionMiddleware:
         self.app = app
         self.sessionmaker = sessionmaker
         self.commit: CommitMode = commit
-        self.policy = CommitPolicy(
+        self.policy: CommitPolicy = CommitPolicy(
             commit_on_redirect=commit_on_redirect,
             extra_commit_statuses=extra_commit_statuses,
             extra_rollback_statuses=extra_rollback_statuses,

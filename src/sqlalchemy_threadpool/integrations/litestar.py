@@ -76,9 +76,9 @@ class ThreadpoolSessionPlugin(InitPluginProtocol):
                 f"{type(sessionmaker).__name__}."
             )
         check_commit_mode(commit)
-        self.sessionmaker = sessionmaker
-        self.dependency_key = dependency_key
-        self.dispose_engine = dispose_engine
+        self.sessionmaker: threadpool_sessionmaker = sessionmaker
+        self.dependency_key: str = dependency_key
+        self.dispose_engine: bool = dispose_engine
         policy = CommitPolicy(  # validates now rather than at the first request
             commit_on_redirect=commit_on_redirect,
             extra_commit_statuses=extra_commit_statuses,
