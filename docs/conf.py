@@ -73,6 +73,7 @@ nitpick_ignore_regex = [
 #: Where annotations name a class by its defining module, the name the docs use for it.
 PUBLIC_NAMES = {
     "Executable": "sqlalchemy.sql.expression.Executable",
+    "Session": "sqlalchemy.orm.Session",  # annotations autodoc cannot evaluate stay strings
     "sqlalchemy.engine.base.Connection": "sqlalchemy.engine.Connection",
     "sqlalchemy.engine.base.Engine": "sqlalchemy.engine.Engine",
     "sqlalchemy.engine.result.Result": "sqlalchemy.engine.Result",
