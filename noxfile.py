@@ -6,6 +6,9 @@ runs against one database, selected through ``SATP_TEST_DATABASES``.
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import nox
 
 nox.options.default_venv_backend = "venv"
@@ -54,11 +57,50 @@ def typecheck(session: nox.Session) -> None:
     session.run("mypy", *session.posargs)
 
 
-# @nox.session
-# def docs(session: nox.Session) -> None:
-#     """Build the Sphinx + MyST + furo docs into docs/_build (warnings are errors)."""
-#     install(session, "docs")
-#     session.run("sphinx-build", "-W", "-b", "html", "docs", "docs/_build/html")
+DOCS_COMMAND = [
+    "sphinx-build",
+    "-n",
+    "-W",
+    "--keep-going",
+    "-b",
+    "html",
+    "docs",
+    "docs/_build/html",
+]
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """Build the Sphinx + MyST + furo docs into docs/_build/html (warnings are errors).
+
+    Works offline: intersphinx falls back to the inventories shipped in docs/_inventories/.
+    """
+    install(session, "docs")
+    session.run(*DOCS_COMMAND, *session.posargs)
+
+
+@nox.session
+def verifytypes(session: nox.Session) -> None:
+    """The public API's type completeness, as pyright sees it: must stay at 100%."""
+    install(session, "verifytypes")
+    session.install(".[trio,fastapi,litestar]")  # the integrations' base classes must be known
+    session.run("pyright", "--verifytypes", "sqlalchemy_threadpool", "--ignoreexternal")
+
+
+@nox.session
+def build(session: nox.Session) -> None:
+    """Build the sdist and wheel, then install each into a clean venv and smoke-test it."""
+    install(session, project=False)
+    session.install("build")
+    dist = Path(session.create_tmp()) / "dist"
+    shutil.rmtree(dist, ignore_errors=True)
+    session.run("python", "-m", "build", "--outdir", str(dist))
+    for artifact in sorted(dist.glob("sqlalchemy_threadpool-*")):
+        venv = dist / f"venv-{artifact.suffix.lstrip('.')}"
+        session.run("python", "-m", "venv", "--clear", str(venv))
+        python = str(venv / "bin" / "python")
+        session.run(python, "-m", "pip", "install", "-q", str(artifact), external=True)
+        session.run(python, str(Path("tests") / "smoke.py"), external=True)
 
 
 # @nox.session
