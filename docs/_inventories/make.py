@@ -72,6 +72,65 @@ OBJECTS: dict[str, list[tuple[str, str, str]]] = {
         ("trio.to_thread.run_sync", "py:function", "reference-core.html#$"),
     ],
 }
+#: Objects the guides by other authors are likely to reference.
+OBJECTS["python"] += [
+    ("asyncio.CancelledError", "py:exception", "library/asyncio-exceptions.html#$"),
+    ("asyncio.TaskGroup", "py:class", "library/asyncio-task.html#$"),
+    ("asyncio.run", "py:function", "library/asyncio-runner.html#$"),
+    ("asyncio.timeout", "py:function", "library/asyncio-task.html#$"),
+    ("asyncio.to_thread", "py:function", "library/asyncio-task.html#$"),
+    ("asyncio.wait_for", "py:function", "library/asyncio-task.html#$"),
+    ("logging.getLogger", "py:function", "library/logging.html#$"),
+    ("warnings.warn", "py:function", "library/warnings.html#$"),
+]
+OBJECTS["sqlalchemy"] += [
+    *(
+        (f"sqlalchemy.orm.{name}", "py:function", "orm/queryguide/relationships.html#$")
+        for name in ("selectinload", "joinedload", "subqueryload", "lazyload", "raiseload")
+    ),
+    *(
+        (f"sqlalchemy.orm.{name}", "py:function", "orm/queryguide/columns.html#$")
+        for name in ("defer", "undefer", "load_only")
+    ),
+    ("sqlalchemy.orm.relationship", "py:function", "orm/relationship_api.html#$"),
+    ("sqlalchemy.event.listens_for", "py:function", "core/event.html#$"),
+    ("sqlalchemy.exc.DBAPIError", "py:exception", "core/exceptions.html#$"),
+    ("sqlalchemy.exc.OperationalError", "py:exception", "core/exceptions.html#$"),
+    ("sqlalchemy.ext.asyncio.AsyncAttrs", "py:class", "orm/extensions/asyncio.html#$"),
+    (
+        "sqlalchemy.ext.asyncio.AsyncSession.run_sync",
+        "py:method",
+        "orm/extensions/asyncio.html#$",
+    ),
+    (
+        "sqlalchemy.ext.asyncio.async_scoped_session",
+        "py:class",
+        "orm/extensions/asyncio.html#$",
+    ),
+    (
+        "sqlalchemy.ext.asyncio.create_async_engine",
+        "py:function",
+        "orm/extensions/asyncio.html#$",
+    ),
+]
+OBJECTS["anyio"] += [
+    ("anyio.Lock", "py:class", "api.html#$"),
+    ("anyio.create_task_group", "py:function", "api.html#$"),
+    ("anyio.from_thread.run", "py:function", "api.html#$"),
+    ("anyio.get_cancelled_exc_class", "py:function", "api.html#$"),
+    ("anyio.move_on_after", "py:function", "api.html#$"),
+    ("anyio.run", "py:function", "api.html#$"),
+    ("anyio.to_thread.current_default_thread_limiter", "py:function", "api.html#$"),
+]
+OBJECTS["trio"] += [
+    ("trio.CancelScope", "py:class", "reference-core.html#$"),
+    ("trio.Cancelled", "py:exception", "reference-core.html#$"),
+    ("trio.fail_after", "py:function", "reference-core.html#$"),
+    ("trio.from_thread.run", "py:function", "reference-core.html#$"),
+    ("trio.move_on_after", "py:function", "reference-core.html#$"),
+    ("trio.open_nursery", "py:function", "reference-core.html#$"),
+]
+
 #: Session methods the API page links to (ThreadpoolSession's generated members).
 SESSION_METHODS = [
     *("add", "add_all", "begin", "begin_nested", "close", "commit", "connection", "delete"),
