@@ -20,6 +20,7 @@ commands:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a command (``argv`` defaults to ``sys.argv[1:]``); return the exit status."""
     args = sys.argv[1:] if argv is None else argv
     if not args or args[0] in ("-h", "--help"):
         print(USAGE)

@@ -551,6 +551,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``doctor URL [options]``: print the report; return the exit status (see above)."""
     parser = argparse.ArgumentParser(
         prog="python -m sqlalchemy_threadpool doctor",
         description="Check a database URL for use with threadpool sessions (read-only).",
