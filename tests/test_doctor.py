@@ -7,8 +7,13 @@ subprocess to show that what a user sees on a failure is one line, not a traceba
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import socket
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +33,7 @@ TOP_KEYS = {
     "server_version",
     "dbapi",
     "pool",
+    "server_limits",
     "limiter",
     "cancel",
     "timings",
@@ -89,6 +95,13 @@ def test_report_on_each_test_database(
         "max_overflow": 10,
     }
     assert report["limiter"] == {"tokens": 14, "follows_pool": True, "error": None}
+    if report["dialect"] == "sqlite":
+        assert report["server_limits"] is None
+    else:  # the test servers' accounts have no limit of their own
+        limits = report["server_limits"]
+        assert limits["error"] is None
+        assert limits["max_connections"] > 14
+        assert limits["account_limit"] is None
     # psycopg2 cancel(), KILL QUERY and sqlite3 interrupt() all stop the sleep statement.
     assert report["cancel"]["mechanism"] is True
     assert report["cancel"]["tested"] is True
@@ -137,6 +150,7 @@ def test_duckdb_file(capsys: pytest.CaptureFixture[str], tmp_path: Path, backend
     assert report["server_version"] != "8.0"  # duckdb's version, not the PostgreSQL it mimics
     assert report["limiter"]["follows_pool"] is True
     assert report["cancel"] == {"mechanism": False, "tested": False, "works": None}
+    assert report["server_limits"] is None
     assert any("No server-side cancel" in item for item in report["recommendations"])
     assert any("DuckDB lets one process write" in item for item in report["recommendations"])
 
@@ -260,3 +274,99 @@ def test_failure_from_a_subprocess_is_one_line(tmp_path: Path) -> None:
         f"doctor: connecting to sqlite:///{missing} ...",
         f"error: no database file '{missing}' (doctor does not create one)",
     ]
+
+
+# -- a MariaDB account limited to one connection, on a throwaway server ------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@pytest.fixture(scope="module")
+def limited_mariadb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """URL of account ``app`` (``MAX_USER_CONNECTIONS 1``) on a MariaDB server of our own.
+
+    The shared test server is never reconfigured: this one lives in a temporary directory on a
+    free port, for this module only.
+    """
+    install, server = shutil.which("mariadb-install-db"), shutil.which("mariadbd")
+    server = server or ("/usr/sbin/mariadbd" if os.path.exists("/usr/sbin/mariadbd") else None)
+    if install is None or server is None:
+        message = "mariadb-install-db / mariadbd not found (apt-get install mariadb-server)"
+        if os.environ.get("CI"):
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+    base = tmp_path_factory.mktemp("mariadb")
+    as_root = ["--user=root"] if os.geteuid() == 0 else []
+    subprocess.run(
+        [install, "--no-defaults", f"--datadir={base}/data", *as_root, "--skip-test-db",
+         "--auth-root-authentication-method=normal"],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )  # fmt: skip
+    port = _free_port()
+    proc = subprocess.Popen(
+        [server, "--no-defaults", f"--datadir={base}/data", *as_root, f"--port={port}",
+         "--bind-address=127.0.0.1", f"--socket={base}/sock", f"--pid-file={base}/pid",
+         f"--log-error={base}/error.log", "--skip-log-bin", "--innodb-buffer-pool-size=16M"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        root = create_engine(f"mysql+pymysql://root@127.0.0.1:{port}/mysql")
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with root.begin() as conn:
+                    conn.execute(text("CREATE DATABASE app"))
+                    conn.execute(text("CREATE USER app@'%' WITH MAX_USER_CONNECTIONS 1"))
+                    conn.execute(text("GRANT SELECT ON app.* TO app@'%'"))
+                break
+            except Exception:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise
+                time.sleep(0.5)
+        root.dispose()
+        yield f"mysql+pymysql://app@127.0.0.1:{port}/app"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+def test_account_connection_limit_below_the_pool(
+    capsys: pytest.CaptureFixture[str], limited_mariadb: str
+) -> None:
+    report = doctor_json(capsys, limited_mariadb)
+    assert report["server_limits"]["account_limit"] == 1
+    advice = report["recommendations"]
+    assert advice[0].startswith(
+        "The pool may open 15 connections plus 1 for KILL QUERY, but this account allows 1: "
+    )
+    assert "create_engine(url, pool_size=" not in advice[0]  # 1 - 1: no pool size fits
+    assert "MAX_USER_CONNECTIONS" in advice[0]
+    # The 8 concurrent sessions of the lag measurement hit the limit: reported, not fatal.
+    assert "max_user_connections" in report["loop_lag"]["error"]
+    assert any(item.startswith("Measuring loop lag failed: ") for item in advice)
+    assert report["timings"]["samples"] == 5  # the other measurements still ran
+
+
+def test_kill_query_without_a_spare_connection_is_diagnosed(
+    capsys: pytest.CaptureFixture[str], limited_mariadb: str
+) -> None:
+    report = doctor_json(capsys, limited_mariadb, "--pool-size", "1", "--max-overflow", "0")
+    cancel = report["cancel"]
+    assert cancel["mechanism"] is True
+    assert cancel["tested"] is True
+    assert cancel["works"] is False  # the side connection for KILL QUERY was refused
+    assert any("1226" in problem for problem in cancel["problems"])
+    assert (
+        "Statement cancel did not stop the sleep statement: KILL QUERY needs one more "
+        "connection: raise max_user_connections by one." in report["recommendations"]
+    )
+    assert "loop_lag" in report
+    assert "error" not in report["loop_lag"]

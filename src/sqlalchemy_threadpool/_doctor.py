@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import os
+import re
 import statistics
 import sys
 import time
@@ -94,6 +95,8 @@ def _progress(quiet: bool, message: str) -> None:
 
 
 def _first_line(exc: BaseException) -> str:
+    while isinstance(getattr(exc, "exceptions", None), tuple) and exc.exceptions:  # type: ignore[attr-defined]
+        exc = exc.exceptions[0]  # type: ignore[attr-defined]  # an exception group's first
     inner = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
     lines = str(inner).strip().splitlines()
     return lines[0].strip() if lines else type(inner).__name__
@@ -226,6 +229,45 @@ def _limiter(engine: Engine) -> tuple[threadpool_sessionmaker | None, dict[str, 
     tokens = maker.limiter.total_tokens
     follows = capacity is not None and capacity != math.inf and tokens == capacity
     return maker, {"tokens": int(tokens), "follows_pool": follows, "error": None}
+
+
+def _server_limits(engine: Engine) -> dict[str, Any] | None:
+    """The server's connection limits: for the whole server, and for this account."""
+    name = engine.dialect.name
+    if name not in ("postgresql", "mysql", "mariadb"):
+        return None
+    limits: dict[str, Any] = {"max_connections": None, "account_limit": None, "error": None}
+    try:
+        with engine.connect() as conn:
+            if name == "postgresql":
+                limits["max_connections"] = int(
+                    conn.exec_driver_sql("SHOW max_connections").scalar_one()
+                )
+                reserved = int(
+                    conn.exec_driver_sql("SHOW superuser_reserved_connections").scalar_one()
+                )
+                superuser, role_limit = conn.execute(
+                    text(
+                        "SELECT rolsuper, rolconnlimit FROM pg_roles WHERE rolname = current_user"
+                    )
+                ).one()
+                if not superuser:
+                    limits["max_connections"] -= reserved
+                limits["account_limit"] = role_limit if role_limit >= 0 else None
+            else:
+                server, user = conn.exec_driver_sql(
+                    "SELECT @@max_connections, @@max_user_connections"
+                ).one()
+                limits["max_connections"] = int(server)
+                account = int(user) or None  # 0: no limit
+                for (grant,) in conn.exec_driver_sql("SHOW GRANTS"):
+                    match = re.search(r"MAX_USER_CONNECTIONS (\d+)", str(grant))
+                    if match and int(match[1]):
+                        account = int(match[1])  # the account's own limit wins
+                limits["account_limit"] = account
+    except Exception as exc:  # a proxy, or a server that hides its settings
+        limits["error"] = _first_line(exc)
+    return limits
 
 
 # -- measurements --------------------------------------------------------------------------
@@ -382,13 +424,23 @@ async def _measure(
 ) -> dict[str, Any]:
     report: dict[str, Any] = {}
     _progress(args.quiet, "trying server-side statement cancel on a sleep statement ...")
-    report["cancel"] = await _cancel_check(maker, engine)
+    report["cancel"] = await _step(_cancel_check(maker, engine))
     _progress(args.quiet, f"timing thread hops and point queries ({args.samples} each) ...")
-    report["timings"] = await _timings(maker, engine, args.samples)
+    report["timings"] = await _step(_timings(maker, engine, args.samples))
     tasks = max(1, min(8, maker.limiter.total_tokens))
     _progress(args.quiet, f"measuring event-loop lag under {tasks} concurrent tasks ...")
-    report["loop_lag"] = await _loop_lag(maker, engine, int(tasks), max(5, args.samples // 8))
+    report["loop_lag"] = await _step(
+        _loop_lag(maker, engine, int(tasks), max(5, args.samples // 8))
+    )
     return report
+
+
+async def _step(measurement: Awaitable[dict[str, Any]]) -> dict[str, Any]:
+    """A measurement's result, or ``{"error": ...}``: one failed step spoils no other."""
+    try:
+        return await measurement
+    except Exception as exc:  # e.g. the server refusing the n-th concurrent connection
+        return {"error": _first_line(exc)}
 
 
 # -- advice and output ---------------------------------------------------------------------
@@ -406,13 +458,20 @@ def _recommendations(report: dict[str, Any], engine: Engine) -> list[str]:
             "server allows, e.g. create_engine(url, pool_size=10, max_overflow=0); the maker's "
             "limiter then follows it."
         )
+    advice += _limit_advice(report)
+    for step in ("cancel", "timings", "loop_lag"):
+        error = (report.get(step) or {}).get("error")
+        if error:
+            advice.append(f"Measuring {step.replace('_', ' ')} failed: {error}")
     if report["dbapi"]["threadsafety"] == 0:
         advice.append(
             "The driver declares threadsafety 0. Use one connection for the whole process "
             "(poolclass=StaticPool, so the maker's limiter is 1) and test it under load."
         )
     cancel = report.get("cancel") or {}
-    if cancel and not cancel.get("mechanism"):
+    if cancel.get("error"):
+        pass  # reported above
+    elif cancel and not cancel.get("mechanism"):
         advice.append(
             f"No server-side cancel for {report['dialect']}+{report['driver']}: a cancelled "
             "or timed-out await waits for its statement to finish. "
@@ -430,7 +489,7 @@ def _recommendations(report: dict[str, Any], engine: Engine) -> list[str]:
             hint = "KILL QUERY needs one more connection: raise max_user_connections by one"
         advice.append(f"Statement cancel did not stop the sleep statement: {hint}.")
     timings = report.get("timings")
-    if timings:
+    if timings and not timings.get("error"):
         overhead = timings["point_query_offloaded_us"] - timings["point_query_direct_us"]
         if overhead > timings["point_query_direct_us"]:
             advice.append(
@@ -463,6 +522,49 @@ def _recommendations(report: dict[str, Any], engine: Engine) -> list[str]:
     return advice
 
 
+def _limit_advice(report: dict[str, Any]) -> list[str]:
+    """Advice when the pool may open more connections than the server lets this account."""
+    limits, pool = report.get("server_limits"), report["pool"]
+    if not limits or limits["error"]:
+        return []
+    known = [n for n in (limits["max_connections"], limits["account_limit"]) if n is not None]
+    if not known:
+        return []
+    allowed = min(known)
+    # KILL QUERY opens one connection more than the pool while it cancels.
+    side = (
+        1
+        if report["dialect"] in ("mysql", "mariadb") and report.get("cancel", {}).get("mechanism")
+        else 0
+    )
+    wanted = (pool["capacity"] if pool["bounded"] else math.inf) + side
+    if wanted <= allowed:
+        return []
+    whose = "this account" if allowed == limits["account_limit"] else "the server"
+    extra = " plus 1 for KILL QUERY" if side else ""
+    opens = _plural(pool["capacity"], "connection") if pool["bounded"] else "unlimited connections"
+    if allowed - side < 1:
+        fix = (
+            f"Let the account open at least {1 + side} connections (MAX_USER_CONNECTIONS), "
+            "or turn statement cancel off with threadpool_sessionmaker(engine, "
+            "cancel_statements=False)."
+        )
+    else:
+        fix = (
+            f"Bound the pool, e.g. create_engine(url, pool_size={allowed - side}, "
+            "max_overflow=0) (the maker's limiter follows it), and count every process: each "
+            "has its own pool."
+        )
+    return [
+        f"The pool may open {opens}{extra}, but {whose} allows {allowed}: sessions beyond "
+        f"that fail with 'too many connections' instead of waiting. {fix}"
+    ]
+
+
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def _table(report: dict[str, Any]) -> str:
     dbapi, pool, limiter = report["dbapi"], report["pool"], report["limiter"]
     rows = [
@@ -472,9 +574,19 @@ def _table(report: dict[str, Any]) -> str:
         ),
         ("DBAPI", f"{dbapi['module']}, threadsafety {dbapi['threadsafety']}: {dbapi['meaning']}"),
     ]
-    capacity = pool["capacity"] if pool["bounded"] else "unbounded"
     detail = f" ({pool['size']} + {pool['max_overflow']} overflow)" if "size" in pool else ""
-    rows.append(("pool", f"{pool['class']}: {capacity} connections{detail}"))
+    shown = _plural(pool["capacity"], "connection") if pool["bounded"] else "unbounded"
+    rows.append(("pool", f"{pool['class']}: {shown}{detail}"))
+    limits = report.get("server_limits")
+    if limits:
+        if limits["error"]:
+            text_ = f"unknown: {limits['error']}"
+        else:
+            account = limits["account_limit"]
+            text_ = f"max_connections {limits['max_connections']}; this account: " + (
+                "no limit of its own" if account is None else str(account)
+            )
+        rows.append(("server limits", text_))
     if limiter["error"]:
         rows.append(("maker limiter", "refused: " + limiter["error"].split(":")[0]))
     else:
@@ -484,10 +596,13 @@ def _table(report: dict[str, Any]) -> str:
             if limiter["follows_pool"]
             else "the pool is unbounded: anyio's default"
         )
-        rows.append(("maker limiter", f"{limiter['tokens']} sessions at once; {note}"))
+        sessions = _plural(limiter["tokens"], "session")
+        rows.append(("maker limiter", f"{sessions} at once; {note}"))
     cancel = report.get("cancel")
     if cancel is not None:
-        if not cancel["mechanism"]:
+        if cancel.get("error"):
+            text_ = f"not measured: {cancel['error']}"
+        elif not cancel["mechanism"]:
             text_ = "none for this driver: a cancelled await waits for the statement"
         elif not cancel["tested"]:
             text_ = "available, not tried (no sleep statement known for this dialect)"
@@ -499,7 +614,9 @@ def _table(report: dict[str, Any]) -> str:
             )
         rows.append(("statement cancel", text_))
     timings = report.get("timings")
-    if timings:
+    if timings and timings.get("error"):
+        rows.append(("thread hop", f"not measured: {timings['error']}"))
+    elif timings:
         rows.append(
             (
                 "thread hop",
@@ -515,7 +632,9 @@ def _table(report: dict[str, Any]) -> str:
             )
         )
     lag = report.get("loop_lag")
-    if lag:
+    if lag and lag.get("error"):
+        rows.append(("event-loop lag", f"not measured: {lag['error']}"))
+    elif lag:
         ours, naive = lag["threadpool"], lag["sync_on_the_loop"]
         rows.append(
             (
@@ -540,6 +659,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     engine = open_engine(args)
     try:
         report = _facts(engine)
+        report["server_limits"] = _server_limits(engine)
         maker, report["limiter"] = _limiter(engine)
         if maker is not None:
             report.update(anyio.run(_measure, maker, engine, args, backend=args.backend))
