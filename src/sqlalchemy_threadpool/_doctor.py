@@ -482,12 +482,13 @@ def _recommendations(report: dict[str, Any], engine: Engine) -> list[str]:
         )
     elif cancel.get("tested") and not cancel.get("works"):
         problems = " ".join(cancel.get("problems") or [])
-        hint = "see the problems reported above"
+        first = (cancel.get("problems") or ["no error was reported"])[0]
+        hint = f"the driver reported: {first}"
         if "1095" in problems or "not owner" in problems.lower():
             hint = "grant CONNECTION ADMIN (MariaDB >= 10.5 / MySQL 8) or SUPER to the user"
         elif "1203" in problems or "1226" in problems or "max_user_connections" in problems:
             hint = "KILL QUERY needs one more connection: raise max_user_connections by one"
-        advice.append(f"Statement cancel did not stop the sleep statement: {hint}.")
+        advice.append(f"Statement cancel did not stop the sleep statement: {hint.rstrip('.')}.")
     timings = report.get("timings")
     if timings and not timings.get("error"):
         overhead = timings["point_query_offloaded_us"] - timings["point_query_direct_us"]
