@@ -145,6 +145,7 @@ def _signature(method: Any) -> str:
     parameters = [
         parameter.replace(annotation=inspect.Parameter.empty)
         for parameter in list(signature.parameters.values())[1:]
+        if not parameter.name.startswith("_")  # SQLAlchemy's private keywords
     ]
     return str(signature.replace(parameters=parameters, return_annotation=inspect.Signature.empty))
 

@@ -43,6 +43,18 @@ TOP_KEYS = {
 }
 
 
+def test_documented_json_keys_are_the_report_keys() -> None:
+    """docs/doctor.md lists the ``--json`` keys in a table; it must list exactly these."""
+    page = Path(__file__).resolve().parent.parent / "docs" / "doctor.md"
+    table = page.read_text().split("(doctor-json)=", 1)[1]
+    documented: set[str] = set()
+    for line in table.splitlines():
+        if line.startswith("| `"):
+            cell = line.split("|")[1]
+            documented |= {name for name in cell.split("`")[1::2]}
+    assert documented == TOP_KEYS
+
+
 def doctor(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     status = main(["doctor", *argv])
     out, err = capsys.readouterr()
