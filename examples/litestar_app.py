@@ -23,13 +23,14 @@ import anyio
 from litestar import Litestar, get, post
 from litestar.datastructures import State
 from litestar.exceptions import HTTPException, NotFoundException
+from litestar.params import FromPath, JSONBody
 from litestar.response import Stream
 from sqlalchemy import String, create_engine, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.pool import QueuePool
 
-from sqlalchemy_threadpool import ThreadpoolSession, threadpool_sessionmaker
-from sqlalchemy_threadpool.integrations.litestar import ThreadpoolSessionPlugin
+from sqlalchemy_threadpool import threadpool_sessionmaker
+from sqlalchemy_threadpool.integrations.litestar import DBSession, ThreadpoolSessionPlugin
 
 
 class Base(DeclarativeBase):
@@ -50,7 +51,7 @@ class NoteData:
 
 
 @post("/notes")  # 201 by default
-async def create_note(data: NoteData, db_session: ThreadpoolSession) -> dict[str, str]:
+async def create_note(data: JSONBody[NoteData], db_session: DBSession) -> dict[str, str]:
     db_session.add(Note(key=data.key, text=data.text))
     if "spam" in data.text:
         await db_session.flush()  # the INSERT reached the database; the 422 rolls it back
@@ -60,7 +61,7 @@ async def create_note(data: NoteData, db_session: ThreadpoolSession) -> dict[str
 
 
 @get("/notes/{key:str}")
-async def get_note(key: str, db_session: ThreadpoolSession) -> NoteData:
+async def get_note(key: FromPath[str], db_session: DBSession) -> NoteData:
     note = await db_session.get(Note, key)
     if note is None:
         raise NotFoundException("not found")
@@ -68,7 +69,7 @@ async def get_note(key: str, db_session: ThreadpoolSession) -> NoteData:
 
 
 @get("/notes")
-async def list_notes(db_session: ThreadpoolSession) -> Stream:
+async def list_notes(db_session: DBSession) -> Stream:
     async def lines() -> AsyncIterator[str]:
         # Runs after the response started; the session stays open until the last line.
         async with await db_session.stream_scalars(select(Note).order_by(Note.key)) as notes:

@@ -7,7 +7,11 @@
     app = Litestar(route_handlers=[...], plugins=[ThreadpoolSessionPlugin(Session)])
 
     @post("/users")
-    async def create_user(db_session: ThreadpoolSession, data: UserIn) -> UserOut: ...
+    async def create_user(db_session: DBSession, data: UserIn) -> UserOut: ...
+
+``DBSession`` is ``NamedDependency[ThreadpoolSession]`` (plain ``ThreadpoolSession`` on
+Litestar before 2.23, which had no ``NamedDependency``): Litestar injects by parameter *name*
+(the plugin's ``dependency_key``), and since 2.23 it wants such parameters marked explicitly.
 
 The plugin registers :class:`~sqlalchemy_threadpool.integrations.asgi.SessionMiddleware` as
 application middleware, so the transaction is decided exactly as there: committed in a worker
@@ -26,13 +30,13 @@ replace it (the 500) and is never called when a request dies before or while res
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
 import anyio
 from litestar.di import Provide
 from litestar.middleware import DefineMiddleware
 from litestar.plugins import InitPluginProtocol
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Engine
 
 from .._context import current_session
 from .._exceptions import NoSessionError
@@ -44,7 +48,18 @@ from .asgi import CommitPolicy, SessionMiddleware
 if TYPE_CHECKING:
     from litestar.config.app import AppConfig
 
-__all__ = ["ThreadpoolSessionPlugin"]
+__all__ = ["DBSession", "ThreadpoolSessionPlugin"]
+
+if TYPE_CHECKING:
+    DBSession: TypeAlias = ThreadpoolSession
+else:
+    try:
+        from litestar.di import NamedDependency
+    except ImportError:  # Litestar < 2.23 injects by name without being told
+        DBSession = ThreadpoolSession
+    else:
+        DBSession = NamedDependency[ThreadpoolSession]
+"""The annotation of a handler parameter that receives the plugin's session."""
 
 
 class ThreadpoolSessionPlugin(InitPluginProtocol):
@@ -54,7 +69,8 @@ class ThreadpoolSessionPlugin(InitPluginProtocol):
     :param dependency_key: the handler parameter name that receives the session.
     :param commit, commit_on_redirect, extra_commit_statuses, extra_rollback_statuses: the
         transaction policy, as for :class:`SessionMiddleware`.
-    :param dispose_engine: dispose the maker's engine when the application shuts down.
+    :param dispose_engine: dispose the maker's engine when the application shuts down (only
+        when the maker is bound to an ``Engine``; a ``Connection``'s owner disposes its own).
     """
 
     __slots__ = ("_middleware_kwargs", "dependency_key", "dispose_engine", "sessionmaker")
@@ -102,16 +118,19 @@ class ThreadpoolSessionPlugin(InitPluginProtocol):
             )
         )
         app_config.dependencies[self.dependency_key] = Provide(_provide_session)
+        # Handlers in modules with ``from __future__ import annotations`` name these as strings.
         app_config.signature_namespace.setdefault("ThreadpoolSession", ThreadpoolSession)
+        app_config.signature_namespace.setdefault("DBSession", DBSession)
         if self.dispose_engine:
             app_config.on_shutdown.append(self._dispose)
         return app_config
 
     async def _dispose(self) -> None:
+        # Only an Engine bind is ours to dispose: a maker bound to a Connection (the pytest
+        # plugin's, say) belongs to whoever opened that connection, and so does its engine.
         bind = self.sessionmaker.sync_maker.kw.get("bind")
-        engine = bind.engine if isinstance(bind, Connection) else bind
-        if isinstance(engine, Engine):
-            await anyio.to_thread.run_sync(engine.dispose)
+        if isinstance(bind, Engine):
+            await anyio.to_thread.run_sync(bind.dispose)
 
 
 async def _provide_session() -> ThreadpoolSession:
