@@ -28,7 +28,7 @@ from sqlalchemy import String, create_engine, func, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.pool import QueuePool
 
-from sqlalchemy_threadpool import current_session, threadpool_sessionmaker
+from sqlalchemy_threadpool import current_session, shutdown, threadpool_sessionmaker
 from sqlalchemy_threadpool.integrations.asgi import SessionMiddleware
 from sqlalchemy_threadpool.integrations.fastapi import DBSession
 
@@ -67,7 +67,8 @@ def create_app(database_url: str) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await anyio.to_thread.run_sync(Base.metadata.create_all, engine)
         yield
-        await anyio.to_thread.run_sync(engine.dispose)
+        # The server stopped taking requests: end what still runs, then dispose the engine.
+        await shutdown(maker)
 
     app = FastAPI(lifespan=lifespan)
     app.state.engine = engine

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import anyio
 from sqlalchemy import String, create_engine, select
@@ -31,7 +32,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from sqlalchemy_threadpool import current_session, threadpool_sessionmaker
+from sqlalchemy_threadpool import current_session, shutdown, threadpool_sessionmaker
 from sqlalchemy_threadpool.integrations.asgi import SessionMiddleware
 
 
@@ -78,9 +79,23 @@ async def list_notes(request: Request) -> Response:
 
 
 async def health(request: Request) -> Response:
-    pool = request.app.state.engine.pool
+    pool = request.app.state.engine.pool  # create_app() sets it
     checked_out = pool.checkedout() if isinstance(pool, QueuePool) else None
     return JSONResponse({"status": "ok", "pool_checked_out": checked_out})
+
+
+ROUTES = [
+    Route("/notes", create_note, methods=["POST"]),
+    Route("/notes", list_notes, methods=["GET"]),
+    Route("/notes/{key}", get_note, methods=["GET"]),
+    Route("/health", health, methods=["GET"]),
+]
+
+
+def build_app(maker: threadpool_sessionmaker, **kwargs: Any) -> Starlette:
+    """The app on a given maker: the tests pass the pytest plugin's ``threadpool_maker``."""
+    middleware = [Middleware(SessionMiddleware, sessionmaker=maker)]
+    return Starlette(routes=ROUTES, middleware=middleware, **kwargs)
 
 
 def create_app(database_url: str) -> Starlette:
@@ -91,18 +106,10 @@ def create_app(database_url: str) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await anyio.to_thread.run_sync(Base.metadata.create_all, engine)
         yield
-        await anyio.to_thread.run_sync(engine.dispose)
+        # The server stopped taking requests: end what still runs, then dispose the engine.
+        await shutdown(maker)
 
-    app = Starlette(
-        routes=[
-            Route("/notes", create_note, methods=["POST"]),
-            Route("/notes", list_notes, methods=["GET"]),
-            Route("/notes/{key}", get_note, methods=["GET"]),
-            Route("/health", health, methods=["GET"]),
-        ],
-        middleware=[Middleware(SessionMiddleware, sessionmaker=maker)],
-        lifespan=lifespan,
-    )
+    app = build_app(maker, lifespan=lifespan)
     app.state.engine = engine
     return app
 

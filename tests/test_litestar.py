@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -36,12 +36,17 @@ from webhelpers import (
 pytestmark = pytest.mark.anyio
 
 
-def client(app: ASGIApp) -> httpx.AsyncClient:
-    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+def asgi(app: Litestar | ASGIApp) -> ASGIApp:
+    """Litestar types its ASGI messages as TypedDicts; the test helpers take any mapping."""
+    return cast("ASGIApp", app)
+
+
+def client(app: Litestar | ASGIApp) -> httpx.AsyncClient:
+    transport = httpx.ASGITransport(app=asgi(app), raise_app_exceptions=False)
     return httpx.AsyncClient(transport=transport, base_url="http://test")
 
 
-def observe_start(app: ASGIApp, engine: Engine, seen: list[set[str]]) -> ASGIApp:
+def observe_start(app: Litestar, engine: Engine, seen: list[set[str]]) -> ASGIApp:
     """Wrap ``app``: record the committed user names when its response starts."""
 
     async def outer(scope: Scope, receive: Receive, send: Send) -> None:
@@ -50,7 +55,7 @@ def observe_start(app: ASGIApp, engine: Engine, seen: list[set[str]]) -> ASGIApp
                 seen.append(user_names(engine))
             await send(message)
 
-        await app(scope, receive, observing_send)
+        await asgi(app)(scope, receive, observing_send)
 
     return outer
 
@@ -115,7 +120,8 @@ async def test_one_session_per_request(engine: Engine) -> None:
         sessions.append(id(db_session))
 
     app = Litestar(
-        route_handlers=[handler], plugins=[ThreadpoolSessionPlugin(threadpool_sessionmaker(engine))]
+        route_handlers=[handler],
+        plugins=[ThreadpoolSessionPlugin(threadpool_sessionmaker(engine))],
     )
     async with client(app) as c:
         for _ in range(3):
@@ -218,7 +224,7 @@ async def test_shutdown_disposes_the_engine_unless_told_not_to(
     engine: Engine, disposals: list[Engine], dispose_engine: bool
 ) -> None:
     app = litestar_app(engine, dispose_engine=dispose_engine)
-    async with lifespan(app):
+    async with lifespan(asgi(app)):
         async with client(app) as c:
             assert (await c.post("/users/ada")).status_code == 201
         assert disposals == []
@@ -232,7 +238,7 @@ async def test_a_maker_bound_to_a_connection_leaves_its_engine_alone(
     with engine.connect() as connection:
         plugin = ThreadpoolSessionPlugin(threadpool_sessionmaker(connection))
         app = Litestar(route_handlers=[create_user], plugins=[plugin])
-        async with lifespan(app):
+        async with lifespan(asgi(app)):
             pass
     assert disposals == []
 
@@ -258,7 +264,7 @@ async def test_litestar_example(db_url: str, engine: Engine) -> None:
     drop_web_tables(db_url)
     app = load_example("litestar_app").create_app(db_url)
     example_engine = app.state.engine
-    async with lifespan(app), client(app) as c:
+    async with lifespan(asgi(app)), client(app) as c:
         assert (await c.post("/notes", json={"key": "a", "text": "hello"})).status_code == 201
         assert (await c.post("/notes", json={"key": "b", "text": "spam!"})).status_code == 422
         duplicate = await c.post("/notes", json={"key": "a", "text": "again"})

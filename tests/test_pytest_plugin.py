@@ -16,6 +16,7 @@ from sqlalchemy import create_engine, inspect, text
 from sqlalchemy.pool import NullPool
 
 from sqlalchemy_threadpool.pytest_plugin import URL_ENV_VAR
+from webhelpers import EXAMPLES, drop_web_tables
 
 CONFTEST = """
     import pytest
@@ -263,3 +264,28 @@ def test_the_plugin_is_opt_in(probe: pytest.Pytester) -> None:
     assert "--threadpool-db-url" not in probe.runpytest("--help").stdout.str()
     help_text = probe.runpytest("-p", PLUGIN, "--help").stdout.str()
     assert "--threadpool-db-url" in help_text
+
+
+# -- the documented example -----------------------------------------------------------------
+
+
+def test_the_starlette_example_tests(pytester: pytest.Pytester, db_url: str) -> None:
+    """``examples/test_starlette_app.py``, run as its docstring says (plus the ini above)."""
+    pytester.makeini(textwrap.dedent(INI.format(extra="")))
+    pytester.makeconftest(OPT_IN)
+    for name in ("starlette_app.py", "test_starlette_app.py"):
+        (pytester.path / name).write_text((EXAMPLES / name).read_text())
+    drop_web_tables(db_url)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("DATABASE_URL", db_url)  # the module-level app, unused by the tests
+            result = pytester.runpytest(f"--threadpool-db-url={db_url}")
+        result.assert_outcomes(passed=6)  # three tests x asyncio, trio
+        engine = create_engine(db_url, poolclass=NullPool)
+        try:
+            with engine.connect() as conn:
+                assert conn.scalar(text("SELECT count(*) FROM satp_web_note")) == 0
+        finally:
+            engine.dispose()
+    finally:
+        drop_web_tables(db_url)

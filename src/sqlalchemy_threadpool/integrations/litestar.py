@@ -20,7 +20,8 @@ rolled back otherwise, and a failed commit turns the response into a 500 before 
 reaches the client. Litestar turns handler exceptions into error responses *inside* the
 middleware stack, so they arrive as error statuses and roll back. The session is also what
 :func:`~sqlalchemy_threadpool.current_session` returns while the request runs. On shutdown
-the plugin disposes the maker's engine (in a worker thread).
+the plugin ends the work still running on the maker's engine with
+:func:`~sqlalchemy_threadpool.shutdown` and disposes the engine (in a worker thread).
 
 Why middleware rather than a ``before_send`` hook: a hook sees the response start but cannot
 replace it (the 500) and is never called when a request dies before or while responding
@@ -42,6 +43,7 @@ from .._context import current_session
 from .._exceptions import NoSessionError
 from .._maker import threadpool_sessionmaker
 from .._session import ThreadpoolSession
+from .._shutdown import shutdown
 from ._unit import CommitMode, check_commit_mode
 from .asgi import CommitPolicy, SessionMiddleware
 
@@ -130,6 +132,8 @@ class ThreadpoolSessionPlugin(InitPluginProtocol):
         # plugin's, say) belongs to whoever opened that connection, and so does its engine.
         bind = self.sessionmaker.sync_maker.kw.get("bind")
         if isinstance(bind, Engine):
+            # Sessions still working (e.g. a stream the server gave up on) are stopped first.
+            await shutdown(bind, dispose=False)
             await anyio.to_thread.run_sync(bind.dispose)
 
 
