@@ -69,7 +69,13 @@ class Server:
     client_backend: str  # the event loop the load driver runs on
 
 
-UVICORN = ("-m", "uvicorn", "{app}", "--host", "127.0.0.1", "--port", "{port}", "--no-access-log")
+# A burst of new connections fits the listen backlog, and a connection the client keeps for
+# its next request is not closed under it (the servers' 5 s idle default races with a client
+# that a loaded machine slows down: the request then fails without reaching the app).
+UVICORN = (
+    *("-m", "uvicorn", "{app}", "--host", "127.0.0.1", "--port", "{port}", "--no-access-log"),
+    *("--backlog", "1024", "--timeout-keep-alive", "75"),
+)
 
 SERVERS = [
     Server(
@@ -88,7 +94,10 @@ SERVERS = [
         "starlette-hypercorn-trio",
         "starlette_app",
         # -w 0: serve in this process (no worker processes to track).
-        ("-m", "hypercorn", "-k", "trio", "-w", "0", "-b", "127.0.0.1:{port}", "{app}"),
+        (
+            *("-m", "hypercorn", "{app}", "-k", "trio", "-w", "0", "-b", "127.0.0.1:{port}"),
+            *("--backlog", "1024", "--keep-alive", "75"),
+        ),
         "trio",
     ),
     Server(
@@ -206,11 +215,18 @@ class LoadResult:
 async def post_all(
     client: httpx.AsyncClient, notes: list[tuple[str, str]]
 ) -> dict[tuple[str, str], int]:
-    """POST every note at once; the status of each."""
+    """POST every note at once; the status of each (0: no response)."""
     statuses: dict[tuple[str, str], int] = {}
 
     async def post(key: str, text: str) -> None:
-        response = await client.post("/notes", json={"key": key, "text": text})
+        try:
+            response = await client.post("/notes", json={"key": key, "text": text})
+        except httpx.TransportError as exc:
+            import time as _t
+
+            print("TRANSPORT", key, text, type(exc).__name__, exc, _t.perf_counter())
+            statuses[key, text] = -1
+            return
         statuses[key, text] = response.status_code
 
     async with anyio.create_task_group() as tg:
