@@ -318,7 +318,7 @@ def test_example_app_under_load(
     }
 
 
-# -- the scripts ------------------------------------------------------------------------------
+# -- the scripts (on the same databases as the servers, to keep the module's time bounded) ---
 
 
 def run_script(name: str, db_url: str) -> list[str]:
@@ -335,6 +335,7 @@ def run_script(name: str, db_url: str) -> list[str]:
     return result.stdout.splitlines()
 
 
+@pytest.mark.parametrize("db_url", SERVER_DATABASES, indirect=True)
 def test_trio_script(db_url: str) -> None:
     drop_web_tables(db_url)
     assert run_script("trio_script", db_url) == [
@@ -345,6 +346,7 @@ def test_trio_script(db_url: str) -> None:
     ]
 
 
+@pytest.mark.parametrize("db_url", SERVER_DATABASES, indirect=True)
 def test_asyncio_script(db_url: str) -> None:
     drop_web_tables(db_url)
     assert run_script("asyncio_script", db_url) == [
