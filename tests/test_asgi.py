@@ -435,6 +435,39 @@ async def test_websocket_denial_response_is_decided_by_status(
     assert checked_out(engine) == 0
 
 
+async def test_websocket_in_manual_mode_keeps_only_explicit_commits(
+    engine: Engine, other_engine: Engine
+) -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        assert (await receive())["type"] == "websocket.connect"
+        await send({"type": "websocket.accept"})
+        sess = current_session()
+        while (message := await receive())["type"] == "websocket.receive":
+            sess.add(User(name=message["text"]))
+            if message["text"].startswith("commit-"):
+                await sess.commit()
+            else:
+                await sess.flush()
+
+    await call_websocket(middleware(app, engine, commit="manual"), ["commit-ada", "bob"])
+    assert user_names(other_engine) == {"commit-ada"}
+    assert checked_out(engine) == 0
+
+
+async def test_websocket_denial_follows_the_extra_statuses(
+    engine: Engine, other_engine: Engine
+) -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        current_session().add(User(name="ada"))
+        await send({"type": "websocket.http.response.start", "status": 409, "headers": []})
+        await send({"type": "websocket.http.response.body", "body": b"conflict"})
+
+    sent = await call_websocket(middleware(app, engine, extra_commit_statuses={409}), [])
+    assert (status_of(sent), body_of(sent)) == (409, b"conflict")
+    assert user_names(other_engine) == {"ada"}
+    assert checked_out(engine) == 0
+
+
 async def test_lifespan_passes_through_without_a_session(engine: Engine) -> None:
     events: list[str] = []
 
