@@ -1,4 +1,4 @@
-"""The example apps under real servers, and the example scripts, each in a subprocess.
+"""The example apps under real servers, each in a subprocess (the scripts: test_examples.py).
 
 Each app is served on 127.0.0.1 (a free port) by uvicorn, and the Starlette app also by
 Hypercorn with its trio worker, against PostgreSQL (and the Starlette app against SQLite under
@@ -318,43 +318,3 @@ def test_example_app_under_load(server: Server, running: RunningServer, db_url: 
         422: load.spam,
         500: load.races + load.reposts,
     }
-
-
-# -- the scripts (on the same databases as the servers, to keep the module's time bounded) ---
-
-
-def run_script(name: str, db_url: str) -> list[str]:
-    result = subprocess.run(
-        [sys.executable, str(EXAMPLES / f"{name}.py")],
-        env={**os.environ, "DATABASE_URL": db_url},
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    return result.stdout.splitlines()
-
-
-@pytest.mark.parametrize("db_url", SERVER_DATABASES, indirect=True)
-def test_trio_script(db_url: str) -> None:
-    drop_web_tables(db_url)
-    assert run_script("trio_script", db_url) == [
-        "error: rolled back",
-        "cancelled: True, rolled back",
-        *[f"/page/{i} 25" for i in range(4)],
-        "connections checked out: 0",
-    ]
-
-
-@pytest.mark.parametrize("db_url", SERVER_DATABASES, indirect=True)
-def test_asyncio_script(db_url: str) -> None:
-    drop_web_tables(db_url)
-    assert run_script("asyncio_script", db_url) == [
-        "timed out: rolled back",
-        "Jemisin: The Fifth Season",
-        "Le Guin: The Dispossessed, The Lathe of Heaven",
-        "Lem: Solaris, The Cyberiad",
-        "connections checked out: 0",
-    ]
