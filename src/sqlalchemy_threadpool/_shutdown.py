@@ -65,7 +65,9 @@ async def shutdown(
                 timeout,
             )
         if dispose:
-            engine.dispose()
+            # Closing pooled connections is network IO: keep it off the event-loop thread.
+            # (Not session work, so it does not go through the offload path.)
+            await anyio.to_thread.run_sync(engine.dispose)
 
 
 def _engine_of(target: threadpool_sessionmaker | Engine) -> Engine:
