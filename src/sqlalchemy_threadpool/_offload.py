@@ -374,6 +374,14 @@ class Offloader:
             self.check_usable()
 
     async def _admit(self) -> None:
+        try:  # capacity free and nobody queued: no trip round the loop, no cancel scope
+            self._limiter.acquire_on_behalf_of_nowait(self)
+        except anyio.WouldBlock:
+            pass
+        else:
+            self._admitted = True
+            _admitted.add(self)
+            return
         deadline = math.inf if self._admission_timeout is None else self._admission_timeout
         with anyio.move_on_after(deadline) as scope:
             await self._limiter.acquire_on_behalf_of(self)
