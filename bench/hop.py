@@ -1,7 +1,7 @@
 """Micro-benchmark of the offload path: the bare hop (W0) and a point query (W1).
 
     python bench/hop.py                      # W0 on asyncio and trio, W1 on every database
-    python bench/hop.py --repeats 9 --calls 3000 --databases postgresql,mysql
+    python bench/hop.py --repeats 5 --rounds 20 --databases postgresql,mysql
     python bench/hop.py --w0-only
 
 W0 (bare hop): µs per no-op call through
@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import json
 import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -67,36 +68,59 @@ def noop(*args: object) -> None:
 
 # -- W0: the bare hop ------------------------------------------------------------------------
 
+Measure = Callable[[int], Awaitable[float]]
 
-def w0_variants(backend: str, engine: Engine) -> dict[str, Callable[[int], Awaitable[float]]]:
-    async def timed(call: Callable[[], Awaitable[object]], calls: int) -> float:
-        for _ in range(max(50, calls // 10)):
-            await call()
-        start = time.perf_counter()
-        for _ in range(calls):
-            await call()
-        return (time.perf_counter() - start) / calls * 1e6
 
-    async def to_thread(calls: int) -> float:
-        return await timed(lambda: anyio.to_thread.run_sync(noop), calls)
+#: The process CPU time (user + system, all threads) per call of the last measurement: it
+#: counts the work a hop costs, without the time spent waiting for a CPU on a busy machine.
+last_cpu = [0.0]
 
-    async def asyncio_to_thread(calls: int) -> float:
-        return await timed(lambda: asyncio.to_thread(noop), calls)
 
-    def session(offload: Any) -> Callable[[int], Awaitable[float]]:
-        async def run(calls: int) -> float:
-            maker = threadpool_sessionmaker(engine, offload=offload)
-            async with maker() as sess:
-                return await timed(lambda: sess.run(noop), calls)
+def _cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
-        return run
 
-    variants = {"anyio.to_thread": to_thread}
-    if backend == "asyncio":
-        variants["asyncio.to_thread"] = asyncio_to_thread
-    variants["session offload=anyio"] = session("anyio")
-    variants["session offload=worker"] = session("worker")
-    return variants
+def stopwatch() -> Callable[[int], float]:
+    """Start timing; the returned function gives wall µs per call (and sets ``last_cpu``)."""
+    wall, cpu = time.perf_counter(), _cpu()
+
+    def stop(calls: int) -> float:
+        elapsed = time.perf_counter() - wall
+        last_cpu[0] = (_cpu() - cpu) / calls * 1e6
+        return elapsed / calls * 1e6
+
+    return stop
+
+
+async def timed(call: Callable[[], Awaitable[object]], calls: int) -> float:
+    stop = stopwatch()
+    for _ in range(calls):
+        await call()
+    return stop(calls)
+
+
+async def interleaved(
+    variants: list[tuple[str, Measure]], args: argparse.Namespace, backend: str, key: str
+) -> dict[tuple[str, str], list[float]]:
+    """Rounds of ``args.calls`` calls per variant, the order rotating each round."""
+    samples: dict[tuple[str, str], list[float]] = {}
+    for _, measure in variants:  # warm up: threads started, caches filled
+        await measure(max(20, args.calls // 5))
+    for round_ in range(args.rounds):
+        shift = round_ % len(variants)
+        for name, measure in variants[shift:] + variants[:shift]:
+            samples.setdefault((key, name), []).append(await measure(args.calls))
+            samples.setdefault((key, f"{name} [cpu]"), []).append(last_cpu[0])
+    return samples
+
+
+def w0(args: argparse.Namespace, url: str) -> dict[str, dict[str, float]]:
+    engine = create_engine(url)
+    try:
+        return run_w0(args, engine)
+    finally:
+        engine.dispose()
 
 
 def run_w0(args: argparse.Namespace, engine: Engine) -> dict[str, dict[str, float]]:
@@ -104,80 +128,100 @@ def run_w0(args: argparse.Namespace, engine: Engine) -> dict[str, dict[str, floa
     for rep in range(args.repeats):
         for backend in args.backends:
 
-            async def one_round(backend: str = backend, rep: int = rep) -> None:
-                variants = list(w0_variants(backend, engine).items())
-                shift = rep % len(variants)
-                for name, measure in variants[shift:] + variants[:shift]:
-                    samples.setdefault((backend, name), []).append(await measure(args.calls))
+            async def main(backend: str = backend) -> None:
+                makers = {
+                    offload: threadpool_sessionmaker(engine, offload=offload)
+                    for offload in ("anyio", "worker")
+                }
+                async with makers["anyio"]() as by_anyio, makers["worker"]() as by_worker:
+                    variants: list[tuple[str, Measure]] = [
+                        ("anyio.to_thread", hop(anyio.to_thread.run_sync, noop))
+                    ]
+                    if backend == "asyncio":
+                        variants.append(
+                            (
+                                "asyncio.to_thread",
+                                lambda n: timed(lambda: asyncio.to_thread(noop), n),
+                            )
+                        )
+                    variants += [
+                        ("session offload=anyio", lambda n: timed(lambda: by_anyio.run(noop), n)),
+                        (
+                            "session offload=worker",
+                            lambda n: timed(lambda: by_worker.run(noop), n),
+                        ),
+                    ]
+                    for key, values in (
+                        await interleaved(variants, args, backend, backend)
+                    ).items():
+                        samples.setdefault(key, []).extend(values)
 
-            anyio.run(one_round, backend=backend)
+            anyio.run(main, backend=backend)
         print(f"  W0 repetition {rep + 1}/{args.repeats} done", file=sys.stderr)
     return medians(samples)
+
+
+def hop(way: Callable[..., Awaitable[object]], fn: Callable[..., None]) -> Measure:
+    return lambda n: timed(lambda: way(fn), n)
 
 
 # -- W1: a point query by primary key --------------------------------------------------------
 
 
-def point_ids(rows: int, calls: int) -> tuple[list[int], list[int]]:
-    warm = max(1, calls // 10)
-    return list(range(1, warm + 1)), list(range(warm + 1, warm + 1 + calls))
-
-
-def raw_sync(engine: Engine, calls: int) -> float:
-    warm, ids = point_ids(0, calls)
-    with sessionmaker(engine, expire_on_commit=False)() as sess:
-        for uid in warm:
-            sess.get(User, uid)
-        start = time.perf_counter()
-        for uid in ids:
-            sess.get(User, uid)
-        return (time.perf_counter() - start) / len(ids) * 1e6
-
-
-def ours(engine: Engine, calls: int, backend: str, offload: str) -> float:
-    warm, ids = point_ids(0, calls)
-
-    async def main() -> float:
-        maker = threadpool_sessionmaker(engine, offload=offload)  # type: ignore[arg-type]
-        async with maker() as sess:
-            for uid in warm:
-                await sess.get(User, uid)
-            start = time.perf_counter()
-            for uid in ids:
-                await sess.get(User, uid)
-            elapsed = time.perf_counter() - start
-            await sess.rollback()
-        return elapsed / len(ids) * 1e6
-
-    return float(anyio.run(main, backend=backend))
-
-
 def run_w1(args: argparse.Namespace, database: str, url: str) -> dict[str, dict[str, float]]:
-    engine = create_engine(url, pool_size=5, max_overflow=0) if database != "sqlite" else None
-    engine = engine or create_engine(url)
+    if database == "sqlite":
+        engine = create_engine(url)
+    else:
+        engine = create_engine(url, pool_size=5, max_overflow=0)
+    warm = list(range(1, 11))
+    ids = list(range(11, 11 + args.calls))
+    samples: dict[tuple[str, str], list[float]] = {}
     try:
         Base.metadata.drop_all(engine)
         Base.metadata.create_all(engine)
-        rows = args.calls + args.calls // 10 + 1
         with Session(engine) as sess, sess.begin():
-            sess.execute(insert(User), [{"id": i, "name": f"user {i}"} for i in range(1, rows)])
-        variants: list[tuple[str, str, Callable[[], float]]] = [
-            ("-", "raw sync Session", lambda: raw_sync(engine, args.calls))
-        ]
-        for backend in args.backends:
-            for offload in ("anyio", "worker"):
-                variants.append(
-                    (
-                        backend,
-                        f"ours offload={offload}",
-                        lambda b=backend, o=offload: ours(engine, args.calls, b, o),
-                    )
-                )
-        samples: dict[tuple[str, str], list[float]] = {}
+            rows = [{"id": i, "name": f"user {i}"} for i in range(1, 12 + args.calls)]
+            sess.execute(insert(User), rows)
+        plain = sessionmaker(engine, expire_on_commit=False)
+
+        async def raw_sync(n: int) -> float:
+            # A plain sync Session called directly (here on the idle loop's thread).
+            with plain() as sess:
+                for uid in warm:
+                    sess.get(User, uid)
+                stop = stopwatch()
+                for uid in ids[:n]:
+                    sess.get(User, uid)
+                return stop(n)
+
+        def ours(maker: threadpool_sessionmaker) -> Measure:
+            async def measure(n: int) -> float:
+                async with maker() as sess:  # each id new to the session
+                    for uid in warm:
+                        await sess.get(User, uid)
+                    stop = stopwatch()
+                    for uid in ids[:n]:
+                        await sess.get(User, uid)
+                    elapsed = stop(n)
+                    await sess.rollback()
+                return elapsed
+
+            return measure
+
         for rep in range(args.repeats):
-            shift = rep % len(variants)
-            for backend, name, measure in variants[shift:] + variants[:shift]:
-                samples.setdefault((backend, name), []).append(measure())
+            for backend in args.backends:
+
+                async def main(backend: str = backend) -> None:
+                    variants: list[tuple[str, Measure]] = [("raw sync Session", raw_sync)]
+                    for offload in ("anyio", "worker"):
+                        maker = threadpool_sessionmaker(engine, offload=offload)
+                        variants.append((f"ours offload={offload}", ours(maker)))
+                    for key, values in (
+                        await interleaved(variants, args, backend, backend)
+                    ).items():
+                        samples.setdefault(key, []).extend(values)
+
+                anyio.run(main, backend=backend)
             print(f"  W1 {database} repetition {rep + 1}/{args.repeats} done", file=sys.stderr)
         return medians(samples)
     finally:
@@ -186,6 +230,13 @@ def run_w1(args: argparse.Namespace, database: str, url: str) -> dict[str, dict[
 
 
 # -- output ------------------------------------------------------------------------------------
+
+
+def split(results: dict[str, dict[str, float]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(wall-clock medians, CPU-time medians)."""
+    wall = {k: v for k, v in results.items() if not k.endswith(" [cpu]")}
+    cpu = {k.removesuffix(" [cpu]"): v for k, v in results.items() if k.endswith(" [cpu]")}
+    return wall, cpu
 
 
 def medians(samples: dict[tuple[str, str], list[float]]) -> dict[str, dict[str, float]]:
@@ -205,8 +256,8 @@ def table(
     for name, by_backend in results.items():
         row = f"| {name:<26} |"
         for column in columns:
-            value = by_backend.get(column, by_backend.get("-"))
-            ref = base.get(column, base.get("-"))
+            value = by_backend.get(column)
+            ref = base.get(column)
             if value is None:
                 row += f" {'':>12} | {'':>6} |"
             else:
@@ -218,8 +269,9 @@ def table(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--calls", type=int, default=2000, help="calls per measurement")
-    parser.add_argument("--repeats", type=int, default=7, help="repetitions (medians)")
+    parser.add_argument("--calls", type=int, default=200, help="calls per sample")
+    parser.add_argument("--rounds", type=int, default=15, help="samples per variant and run")
+    parser.add_argument("--repeats", type=int, default=3, help="runs (event loops) per backend")
     parser.add_argument("--backends", default=",".join(BACKENDS))
     parser.add_argument("--databases", default=",".join(DATABASES))
     parser.add_argument("--w0-only", action="store_true", help="skip W1")
@@ -227,38 +279,46 @@ def main() -> None:
     parser.add_argument("--json", help="also write the medians to this file")
     args = parser.parse_args()
     args.backends = [b for b in args.backends.split(",") if b]
-    report: dict[str, Any] = {"calls": args.calls, "repeats": args.repeats}
+    report: dict[str, Any] = {
+        "calls": args.calls,
+        "rounds": args.rounds,
+        "repeats": args.repeats,
+        "eventfd": os.environ.get("SATP_WORKER_EVENTFD", "1"),
+    }
+    workloads: list[tuple[str, str, Callable[[], dict[str, dict[str, float]]]]] = []
     with tempfile.TemporaryDirectory() as tmp:
         sqlite_url = f"sqlite:///{tmp}/hop.db"
         if not args.w1_only:
-            engine = create_engine(sqlite_url)
-            w0 = run_w0(args, engine)
-            engine.dispose()
-            report["W0"] = w0
+            workloads.append(("W0 bare hop", "anyio.to_thread", lambda: w0(args, sqlite_url)))
+        if not args.w0_only:
+            for database in [d for d in args.databases.split(",") if d]:
+                url = sqlite_url if database == "sqlite" else URLS[database]
+                workloads.append(
+                    (
+                        f"W1 point query by PK, {database}",
+                        "raw sync Session",
+                        lambda d=database, u=url: run_w1(args, d, u),  # type: ignore[misc]
+                    )
+                )
+        samples = f"median of {args.repeats * args.rounds} samples of {args.calls} calls"
+        for title, baseline, run in workloads:
+            wall, cpu = split(run())
+            report[title] = {"wall_us": wall, "cpu_us": cpu}
             print(
                 table(
-                    f"W0 bare hop (median of {args.repeats} x {args.calls} calls)",
-                    w0,
-                    "anyio.to_thread",
+                    f"{title}: wall-clock µs per call ({samples})", wall, baseline, args.backends
+                )
+            )
+            print()
+            print(
+                table(
+                    f"{title}: process CPU µs per call, all threads (same samples)",
+                    cpu,
+                    baseline,
                     args.backends,
                 )
             )
             print()
-        if not args.w0_only:
-            for database in [d for d in args.databases.split(",") if d]:
-                url = sqlite_url if database == "sqlite" else URLS[database]
-                w1 = run_w1(args, database, url)
-                report[f"W1 {database}"] = w1
-                print(
-                    table(
-                        f"W1 point query by PK, {database} (median of {args.repeats} x "
-                        f"{args.calls} calls)",
-                        w1,
-                        "raw sync Session",
-                        args.backends,
-                    )
-                )
-                print()
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(report, fh, indent=2)

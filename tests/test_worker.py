@@ -402,3 +402,54 @@ async def test_a_thread_lent_to_a_lost_session_exits(sqlite_engine: Engine) -> N
     await anyio.to_thread.run_sync(thread.join, EVENTUALLY)
     assert not thread.is_alive()
     assert worker_pool(pool_timeout).idle == 0
+
+
+_PORTABLE_WAKEUPS = """
+import sys, threading, anyio
+from sqlalchemy import create_engine, text
+from sqlalchemy_threadpool import threadpool_sessionmaker, _worker
+
+assert not _worker._EVENTFD
+engine = create_engine(sys.argv[1])
+
+
+async def main() -> None:
+    async with threadpool_sessionmaker(engine)() as sess:
+        assert await sess.run(lambda s: s.execute(text("SELECT 5")).scalar_one()) == 5
+        try:
+            await sess.run(lambda s: 1 / 0)
+        except ZeroDivisionError:
+            pass
+        else:
+            raise AssertionError("no error")
+    worker = _worker.WorkerPool(1.0).acquire(engine)
+    release = threading.Event()
+    with anyio.move_on_after(0.05) as scope:
+        await worker.call(lambda: release.wait(20))
+    assert scope.cancelled_caught and not release.is_set()
+    release.set()
+    assert await worker.call(lambda: "next") == "next"
+
+
+for backend in ("asyncio", "trio"):
+    anyio.run(main, backend=backend)
+print("ok")
+"""
+
+
+def test_the_portable_wakeups_work_where_eventfd_is_missing(tmp_path: Path) -> None:
+    """Without eventfd (or with SATP_WORKER_EVENTFD=0): call_soon_threadsafe / run_sync_soon."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "SATP_WORKER_EVENTFD": "0"}
+    done = subprocess.run(
+        [sys.executable, "-c", _PORTABLE_WAKEUPS, f"sqlite:///{tmp_path}/portable.db"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"

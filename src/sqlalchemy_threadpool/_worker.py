@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import sys
 import threading
 import weakref
@@ -68,7 +69,17 @@ class _Job:
 class Worker:
     """One worker thread, lent to one session at a time by its :class:`WorkerPool`."""
 
-    __slots__ = ("_go", "_jobs", "_pool", "owner", "thread")
+    __slots__ = (
+        "_fd",
+        "_fd_waiter",
+        "_go",
+        "_jobs",
+        "_loop",
+        "_notifier",
+        "_pool",
+        "owner",
+        "thread",
+    )
 
     def __init__(self, pool: WorkerPool, owner: weakref.ref[object]) -> None:
         self._pool = pool
@@ -78,6 +89,12 @@ class Worker:
         self._go.acquire()
         #: Who the worker is lent to (guarded by the pool's lock); ``None`` while idle.
         self.owner: weakref.ref[object] | None = owner
+        #: trio: an eventfd the thread writes when a job is done (made on first use).
+        self._fd: int | None = None
+        self._fd_waiter = False  # a task waits on ``_fd`` (trio allows one reader at a time)
+        #: asyncio: the loop last waited on, and how to wake it (cached: a session keeps its loop).
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._notifier: Callable[[asyncio.Future[None]], object] | None = None
         self.thread = threading.Thread(
             target=self._main, name=f"sqlalchemy-threadpool-worker-{next(_names)}", daemon=True
         )
@@ -103,14 +120,22 @@ class Worker:
         value: T = job.value
         return value
 
+    def forget_loop(self) -> None:
+        """Drop the cached asyncio loop (the next holder may run another one)."""
+        self._loop = self._notifier = None
+
     def _submit(self, job: _Job) -> None:
         self._jobs.append(job)
         with contextlib.suppress(RuntimeError):  # already released: a wake-up is pending
             self._go.release()
 
     async def _wait_asyncio(self, job: _Job, loop: asyncio.AbstractEventLoop) -> None:
+        notifier = self._notifier
+        if loop is not self._loop or notifier is None:
+            notifier = self._notifier = _asyncio_notifier(loop)
+            self._loop = loop
         future = loop.create_future()
-        job.notify = _asyncio_notifier(loop, future)
+        job.notify = partial(notifier, future)
         self._submit(job)
         try:
             await future
@@ -120,6 +145,27 @@ class Worker:
 
     async def _wait_trio(self, job: _Job) -> None:
         trio = sys.modules["trio"]
+        if _EVENTFD and not self._fd_waiter:
+            # The task waits for the thread's eventfd itself: the I/O manager wakes it directly,
+            # without a trip through trio's run_sync_soon queue and its system task.
+            fd = self._fd
+            if fd is None:
+                fd = self._fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            job.notify = partial(os.eventfd_write, fd, 1)
+            self._submit(job)
+            self._fd_waiter = True
+            try:
+                while True:
+                    await trio.lowlevel.wait_readable(fd)
+                    with contextlib.suppress(BlockingIOError):
+                        os.eventfd_read(fd)  # (a stale wake-up of an abandoned job: wait on)
+                    if job.done:
+                        return
+            except BaseException:
+                job.notify = None
+                raise
+            finally:
+                self._fd_waiter = False
         job.task = trio.lowlevel.current_task()
         job.notify = partial(trio.lowlevel.current_trio_token().run_sync_soon, _trio_resume, job)
         self._submit(job)
@@ -141,6 +187,8 @@ class Worker:
             except IndexError:
                 if go.acquire(timeout=pool.idle_timeout) or not pool.retire(self):
                     continue  # new work, or the idle wait ended while lent to a live session
+                if self._fd is not None:  # retired: nobody can wait on it any more
+                    os.close(self._fd)
                 return
             try:
                 job.value = job.context.run(job.fn)
@@ -185,6 +233,7 @@ class WorkerPool:
 
     def release(self, worker: Worker) -> None:
         """Give ``worker`` back; it must have no call in flight."""
+        worker.forget_loop()
         with self._lock:
             worker.owner = None
             self._idle.append(worker)
@@ -225,10 +274,66 @@ def worker_pool(idle_timeout: float = IDLE_TIMEOUT) -> WorkerPool:
 # -- waking the event loop from the worker thread ------------------------------------------
 
 
-def _asyncio_notifier(
-    loop: asyncio.AbstractEventLoop, future: asyncio.Future[None]
-) -> Callable[[], object]:
-    return partial(loop.call_soon_threadsafe, _resolve, future)
+#: Wake-ups through an eventfd (Linux): cheaper than a socket write plus a loop callback.
+_EVENTFD = hasattr(os, "eventfd") and os.environ.get("SATP_WORKER_EVENTFD", "1") != "0"
+
+
+class _LoopWaker:
+    """Resolves futures on one asyncio loop from worker threads, through one eventfd reader.
+
+    The thread queues the future and writes the eventfd; the loop's reader callback resolves
+    every queued future. Cheaper than ``call_soon_threadsafe`` (which writes a socket the loop
+    then drains with two reads, and resolves in one more callback).
+    """
+
+    __slots__ = ("_fd", "_ready")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._ready: deque[asyncio.Future[None]] = deque()
+        self._fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        try:
+            closing = weakref.finalize(loop, os.close, self._fd)  # TypeError: no weakrefs
+        except BaseException:
+            os.close(self._fd)
+            raise
+        try:
+            loop.add_reader(self._fd, self._resolve_ready)  # NotImplementedError: proactor
+        except BaseException:
+            closing()
+            raise
+
+    def notify(self, future: asyncio.Future[None]) -> None:  # in the worker thread
+        self._ready.append(future)
+        os.eventfd_write(self._fd, 1)
+
+    def _resolve_ready(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self._fd)
+        ready = self._ready
+        while ready:
+            _resolve(ready.popleft())
+
+
+_loop_wakers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopWaker] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _asyncio_notifier(loop: asyncio.AbstractEventLoop) -> Callable[[asyncio.Future[None]], object]:
+    """How a worker thread resolves a future of ``loop`` (called on the loop's thread)."""
+    if _EVENTFD:
+        try:
+            waker = _loop_wakers.get(loop)
+            if waker is None:
+                waker = _loop_wakers[loop] = _LoopWaker(loop)
+            return waker.notify
+        except (NotImplementedError, TypeError):  # no add_reader (proactor), no weakref
+            pass
+
+    def notify(future: asyncio.Future[None]) -> None:
+        loop.call_soon_threadsafe(_resolve, future)
+
+    return notify
 
 
 def _resolve(future: asyncio.Future[None]) -> None:
