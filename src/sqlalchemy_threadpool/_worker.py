@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import select
 import sys
 import threading
 import weakref
@@ -77,6 +78,7 @@ class Worker:
         "_loop",
         "_notifier",
         "_pool",
+        "_wake_fd",
         "owner",
         "thread",
     )
@@ -84,7 +86,10 @@ class Worker:
     def __init__(self, pool: WorkerPool, owner: weakref.ref[object]) -> None:
         self._pool = pool
         self._jobs: deque[_Job] = deque()
-        # A raw lock used as a wake-up flag: the cheapest handoff the standard library has.
+        # How the thread is woken: an eventfd where there is one (its write releases the GIL,
+        # so the woken thread does not wake only to wait for the GIL), else a raw lock used as
+        # a wake-up flag.
+        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) if _EVENTFD else None
         self._go = threading.Lock()
         self._go.acquire()
         #: Who the worker is lent to (guarded by the pool's lock); ``None`` while idle.
@@ -126,8 +131,11 @@ class Worker:
 
     def _submit(self, job: _Job) -> None:
         self._jobs.append(job)
-        with contextlib.suppress(RuntimeError):  # already released: a wake-up is pending
-            self._go.release()
+        if self._wake_fd is not None:
+            os.eventfd_write(self._wake_fd, 1)
+        else:
+            with contextlib.suppress(RuntimeError):  # already released: a wake-up is pending
+                self._go.release()
 
     async def _wait_asyncio(self, job: _Job, loop: asyncio.AbstractEventLoop) -> None:
         notifier = self._notifier
@@ -179,16 +187,41 @@ class Worker:
 
     # -- the thread -----------------------------------------------------------------------
 
+    def _sleeper(self) -> Callable[[], bool]:
+        """How the thread waits for a wake-up, at most the pool's idle timeout (``False``)."""
+        fd, idle = self._wake_fd, self._pool.idle_timeout
+        if fd is None:
+            go = self._go
+            return lambda: go.acquire(timeout=idle)
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        idle_ms = idle * 1000
+
+        def sleep() -> bool:
+            if not poller.poll(idle_ms):
+                return False
+            with contextlib.suppress(BlockingIOError):  # (reset by an earlier read)
+                os.eventfd_read(fd)
+            return True
+
+        return sleep
+
     def _main(self) -> None:
-        jobs, go, pool = self._jobs, self._go, self._pool
+        try:
+            self._serve()
+        finally:  # retired: nobody submits to it or waits on its eventfds any more
+            for fd in (self._wake_fd, self._fd):
+                if fd is not None:
+                    os.close(fd)
+
+    def _serve(self) -> None:
+        jobs, sleep, pool = self._jobs, self._sleeper(), self._pool
         while True:
             try:
                 job = jobs.popleft()
             except IndexError:
-                if go.acquire(timeout=pool.idle_timeout) or not pool.retire(self):
+                if sleep() or not pool.retire(self):
                     continue  # new work, or the idle wait ended while lent to a live session
-                if self._fd is not None:  # retired: nobody can wait on it any more
-                    os.close(self._fd)
                 return
             try:
                 job.value = job.context.run(job.fn)
