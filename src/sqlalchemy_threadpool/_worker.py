@@ -293,6 +293,20 @@ _pools: dict[float, WorkerPool] = {}
 _pools_lock = threading.Lock()
 
 
+def _forget_threads_after_fork() -> None:
+    """A forked child has none of its parent's threads: start from empty pools."""
+    global _pools_lock
+    _pools_lock = threading.Lock()
+    for pool in _pools.values():
+        pool._lock = threading.Lock()
+        pool._idle = []
+    _loop_wakers.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_threads_after_fork)
+
+
 def worker_pool(idle_timeout: float = IDLE_TIMEOUT) -> WorkerPool:
     """The process-wide pool whose threads exit after ``idle_timeout`` idle seconds."""
     pool = _pools.get(idle_timeout)
