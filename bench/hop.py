@@ -14,10 +14,16 @@ W1 (ORM point query by primary key, sequential): µs per ``get(User, id)``, each
 session, for a plain sync ``Session`` called directly (the baseline) and for our session with
 each ``offload`` mode, on SQLite (a file), PostgreSQL and MariaDB/MySQL.
 
-Variants are interleaved (their order rotates every repetition) and each prints the median
-of its repetitions, with the ratio to the baseline measured in the same run. Server URLs come
-from ``SATP_BENCH_POSTGRESQL_URL`` / ``SATP_BENCH_MYSQL_URL`` (loopback defaults); the table
-it creates has a name of its own and is dropped at the end.
+Variants are interleaved: within one event loop per backend, rounds of ``--calls`` calls per
+variant, the order rotating every round; ``--repeats`` such loops per backend. Each table
+prints the median of the samples with the ratio to the baseline measured in the same run, once
+in wall-clock time and once in process CPU time per call (user + system, all threads): on a
+busy machine the wall-clock is mostly waiting for a CPU, while the CPU time still shows what a
+hop costs. ``SATP_WORKER_EVENTFD=0`` makes ``offload="worker"`` use its portable wake-ups (a
+raw lock, ``call_soon_threadsafe``, trio's ``run_sync_soon``) instead of eventfds.
+
+Server URLs come from ``SATP_BENCH_POSTGRESQL_URL`` / ``SATP_BENCH_MYSQL_URL`` (loopback
+defaults); the table it creates has a name of its own and is dropped at the end.
 """
 
 from __future__ import annotations
