@@ -100,7 +100,7 @@ class Worker:
         #: asyncio: the loop last waited on, and how to wake it (cached: a session keeps its loop).
         self._loop: asyncio.AbstractEventLoop | None = None
         self._notifier: Callable[[asyncio.Future[None]], object] | None = None
-        self.thread = threading.Thread(
+        self.thread: threading.Thread = threading.Thread(
             target=self._main, name=f"sqlalchemy-threadpool-worker-{next(_names)}", daemon=True
         )
         self.thread.start()
@@ -250,7 +250,7 @@ class WorkerPool:
     def __init__(self, idle_timeout: float = IDLE_TIMEOUT) -> None:
         if not idle_timeout > 0:
             raise ValueError(f"idle_timeout must be a positive number, not {idle_timeout!r}")
-        self.idle_timeout = idle_timeout
+        self.idle_timeout: float = idle_timeout
         self._lock = threading.Lock()
         self._idle: list[Worker] = []
 
