@@ -31,8 +31,12 @@ from ._exceptions import ConfigurationError, ConfigurationWarning
 from ._guard import GuardMode, install_guard
 from ._offload import CLEANUP_TIMEOUT, Offloader, install_offload_events
 from ._session import ThreadpoolSession
+from ._worker import IDLE_TIMEOUT, WorkerPool, worker_pool
 
-__all__ = ["threadpool_sessionmaker"]
+__all__ = ["OffloadMode", "threadpool_sessionmaker"]
+
+#: How a maker's sessions reach their worker threads (see ``offload=``).
+OffloadMode = Literal["worker", "anyio"]
 
 #: Tokens when the pool does not bound connections (NullPool, unlimited overflow): as many
 #: threads as anyio's own default limiter allows.
@@ -58,6 +62,13 @@ class threadpool_sessionmaker:
         sqlite3 ``interrupt()``). Default ``True``. See the cancellation docs.
     :param cleanup_timeout: seconds an interrupted call may take to stop its statement, and
         then to roll back, before the connection is cut and invalidated. Default 5.
+    :param offload: how calls reach a thread. ``"worker"`` (default): an admitted session has
+        a dedicated worker thread of its own until it is released (one thread per
+        transaction, which is also what drivers that insist on one thread need), woken
+        directly: the short path. ``"anyio"``: every call goes through
+        :func:`anyio.to_thread.run_sync` (the maker's limiter still bounds them).
+    :param worker_idle_timeout: with ``offload="worker"``, seconds an idle worker thread waits
+        for another session before it exits. Default 10, as anyio's threads.
     :param strict: each session belongs to the task that created it (or first used it); use
         from any other task raises :class:`SessionOwnershipError`. By default (``False``)
         tasks sharing a session take turns.
@@ -75,11 +86,22 @@ class threadpool_sessionmaker:
         cancel_statements: bool = True,
         cleanup_timeout: float = CLEANUP_TIMEOUT,
         strict: bool = False,
+        offload: OffloadMode = "worker",
+        worker_idle_timeout: float = IDLE_TIMEOUT,
         sync_session_class: type[Session] = Session,
         **session_kw: Any,
     ) -> None:
         if guard not in ("raise", "warn", "off"):
             raise ConfigurationError(f"guard must be 'raise', 'warn' or 'off', not {guard!r}.")
+        if offload not in ("worker", "anyio"):
+            raise ConfigurationError(f"offload must be 'worker' or 'anyio', not {offload!r}.")
+        if isinstance(worker_idle_timeout, bool) or not (
+            isinstance(worker_idle_timeout, (int, float)) and worker_idle_timeout > 0
+        ):
+            raise ConfigurationError(
+                "worker_idle_timeout must be a positive number of seconds, not "
+                f"{worker_idle_timeout!r}."
+            )
         session_kw.setdefault("expire_on_commit", False)
         _check_sqlite_memory(bind)
         self.sync_maker: sessionmaker[Session] = sessionmaker(
@@ -94,6 +116,10 @@ class threadpool_sessionmaker:
         self._canceller = canceller_for(bind) if cancel_statements else None
         self.cleanup_timeout = cleanup_timeout
         self.strict = strict
+        self.offload: OffloadMode = offload
+        self._workers: WorkerPool | None = (
+            worker_pool(float(worker_idle_timeout)) if offload == "worker" else None
+        )
         event.listen(self.sync_maker, "do_orm_execute", _prebuffer_rows)
         install_offload_events(self.sync_maker)
         install_guard(self.sync_maker, guard)
@@ -108,6 +134,7 @@ class threadpool_sessionmaker:
             canceller=self._canceller,
             cleanup_timeout=self.cleanup_timeout,
             strict=self.strict,
+            workers=self._workers,
         )
         return ThreadpoolSession(sync_session, offloader, self)
 
@@ -122,7 +149,8 @@ class threadpool_sessionmaker:
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(bind={self.sync_maker.kw.get('bind')!r}, "
-            f"limiter={self.limiter.total_tokens:g}, guard={self.guard!r})"
+            f"limiter={self.limiter.total_tokens:g}, guard={self.guard!r}, "
+            f"offload={self.offload!r})"
         )
 
 

@@ -52,6 +52,7 @@ from ._exceptions import (
 
 if TYPE_CHECKING:
     from ._cancel import StatementCanceller
+    from ._worker import Worker, WorkerPool
 
 __all__ = ["Offloader", "admitted_offloaders", "discard_session", "install_offload_events"]
 
@@ -88,14 +89,15 @@ class _WorkerCall:
     """
 
     __slots__ = (
+        "_finished",
         "_fn",
         "_lock",
         "abandoned",
         "aborted",
         "committed",
         "committing",
+        "done",
         "error",
-        "finished",
         "started",
     )
 
@@ -108,7 +110,21 @@ class _WorkerCall:
         self.committing = False  # a root Session.commit() began in it
         self.committed = False  # ... and the database committed
         self.error: BaseException | None = None
-        self.finished = threading.Event()
+        self.done = False  # it started and has left
+        self._finished: threading.Event | None = None  # made on demand: most calls never wait
+
+    @property
+    def finished(self) -> threading.Event:
+        """Set once the call started and has left (waiting for it is the rare, slow path)."""
+        event = self._finished
+        if event is None:
+            with self._lock:
+                if self._finished is None:
+                    self._finished = threading.Event()
+                    if self.done:
+                        self._finished.set()
+                event = self._finished
+        return event
 
     def run(self) -> Any:
         with self._lock:
@@ -124,7 +140,11 @@ class _WorkerCall:
             raise
         finally:
             _local.call = outer
-            self.finished.set()
+            with self._lock:
+                self.done = True
+                event = self._finished
+            if event is not None:
+                event.set()
 
     def abandon(self) -> bool:
         """Stop the call from starting; return whether it had already started."""
@@ -219,6 +239,8 @@ class Offloader:
         "_owner",
         "_strict",
         "_threads",
+        "_worker",
+        "_workers",
         "session",
     )
 
@@ -231,6 +253,7 @@ class Offloader:
         canceller: StatementCanceller | None,
         cleanup_timeout: float = CLEANUP_TIMEOUT,
         strict: bool = False,
+        workers: WorkerPool | None = None,
     ) -> None:
         self.session: Session = session
         self._limiter = limiter
@@ -240,8 +263,14 @@ class Offloader:
         self._strict = strict
         self._owner: tuple[int, str] | None = _current_task() if strict else None
         # ``None`` when made outside a task: the first task that uses it becomes the owner.
-        self._lock = anyio.Lock()
+        # fast_acquire: no trip round the loop when free (the call itself yields), but still
+        # a cancellation check, so a call whose task was cancelled before it never starts.
+        self._lock = anyio.Lock(fast_acquire=True)
         self._threads: anyio.CapacityLimiter | None = None
+        #: Where the session's dedicated threads come from; ``None``: anyio's worker threads.
+        self._workers = workers
+        #: The thread lent to this session while it is admitted (``workers`` only).
+        self._worker: Worker | None = None
         self._admitted = False
         self._closed_reason: str | None = None
         self._failure: str | None = None
@@ -345,6 +374,14 @@ class Offloader:
             self.check_usable()
 
     async def _admit(self) -> None:
+        try:  # capacity free and nobody queued: no trip round the loop, no cancel scope
+            self._limiter.acquire_on_behalf_of_nowait(self)
+        except anyio.WouldBlock:
+            pass
+        else:
+            self._admitted = True
+            _admitted.add(self)
+            return
         deadline = math.inf if self._admission_timeout is None else self._admission_timeout
         with anyio.move_on_after(deadline) as scope:
             await self._limiter.acquire_on_behalf_of(self)
@@ -359,20 +396,34 @@ class Offloader:
             )
 
     def _release_if_idle(self) -> None:
-        if self._admitted and not self.session.in_transaction():
+        if self.session.in_transaction():
+            return
+        if self._admitted:
             self._admitted = False
             _admitted.discard(self)
             self._limiter.release_on_behalf_of(self)
+        worker = self._worker
+        if worker is not None and self._workers is not None:
+            # No call of ours is in it: a started one was waited for, an abandoned one
+            # that never started is skipped by the thread.
+            self._worker = None
+            self._workers.release(worker)
 
     async def _run(self, work: _WorkerCall) -> Any:
         """Hand ``work`` to a worker thread and await it; cancellable at once."""
         if self._threads is None:
             # Threads are bounded by admission, not here: this limiter only exists so anyio
-            # does not count our calls against its default 40-token limiter.
+            # does not count our calls (and the helpers of the slow paths) against its
+            # default 40-token limiter.
             self._threads = anyio.CapacityLimiter(math.inf)
-        return await anyio.to_thread.run_sync(
-            work.run, abandon_on_cancel=True, limiter=self._threads
-        )
+        if self._workers is None:
+            return await anyio.to_thread.run_sync(
+                work.run, abandon_on_cancel=True, limiter=self._threads
+            )
+        worker = self._worker
+        if worker is None:  # kept until the session is released (``_release_if_idle``)
+            worker = self._worker = self._workers.acquire(self)
+        return await worker.call(work.run)
 
     async def _wait(self, work: _WorkerCall, seconds: float | None) -> bool:
         """Wait (in a helper thread) until a started ``work`` has left; ``False`` if it has

@@ -1,0 +1,394 @@
+"""Dedicated worker threads: the short way from the event loop to a thread and back.
+
+:func:`anyio.to_thread.run_sync` is general: each call checks for cancellation with a full trip
+round the event loop, opens a cancel scope, takes a limiter token, and goes through anyio's
+shared queue of worker threads. A session that holds a connection runs its calls one at a time,
+so it can instead *own* one thread for as long as it is admitted (the aiosqlite shape): then a
+call is a job appended to that thread's queue plus a raw-lock release to wake it, and the answer
+comes back by the event loop's own thread-safe wake-up: a per-loop ``eventfd`` reader on
+asyncio (``call_soon_threadsafe`` where there is none), a trio token's ``run_sync_soon`` and
+``reschedule`` on trio. Owning the thread also gives thread affinity, which drivers that insist
+on one thread per connection need.
+
+Threads wait in a :class:`WorkerPool` between sessions and exit after its idle timeout; the
+maker's limiter bounds how many sessions (and so threads) are busy at once.
+
+This module only moves callables and results; the start/abandon handshake, cancellation and
+cleanup policy live in :mod:`._offload`. :meth:`Worker.call` keeps the contract that
+``anyio.to_thread.run_sync(..., abandon_on_cancel=True)`` has: the callable runs in a copy of
+the caller's context, its exception is re-raised unchanged, and a cancellation of the awaiting
+task is seen at once, without waiting for the thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import select
+import sys
+import threading
+import weakref
+from collections import deque
+from collections.abc import Callable
+from contextvars import Context, copy_context
+from functools import partial
+from itertools import count
+from typing import Any, TypeVar
+
+__all__ = ["IDLE_TIMEOUT", "Worker", "WorkerPool", "worker_pool"]
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Seconds an idle worker thread waits for work before it exits: the maker's default.
+IDLE_TIMEOUT = 10.0
+
+_get_running_loop = asyncio._get_running_loop
+_names = count(1)
+
+
+class _Job:
+    """One call handed to a worker thread; written by the thread, read after its wake-up."""
+
+    __slots__ = ("context", "done", "error", "fn", "notify", "task", "value")
+
+    def __init__(self, fn: Callable[[], Any], context: Context) -> None:
+        self.fn = fn
+        self.context = context
+        self.value: Any = None
+        self.error: BaseException | None = None
+        self.done = False
+        #: Called in the worker thread once the job is done: wakes the awaiting task.
+        self.notify: Callable[[], object] | None = None
+        #: trio: the task waiting for the job, while it waits (only touched on the loop).
+        self.task: Any = None
+
+
+class Worker:
+    """One worker thread, lent to one session at a time by its :class:`WorkerPool`."""
+
+    __slots__ = (
+        "_fd",
+        "_fd_waiter",
+        "_go",
+        "_jobs",
+        "_loop",
+        "_notifier",
+        "_pool",
+        "_wake_fd",
+        "owner",
+        "thread",
+    )
+
+    def __init__(self, pool: WorkerPool, owner: weakref.ref[object]) -> None:
+        self._pool = pool
+        self._jobs: deque[_Job] = deque()
+        # How the thread is woken: an eventfd where there is one (its write releases the GIL,
+        # so the woken thread does not wake only to wait for the GIL), else a raw lock used as
+        # a wake-up flag.
+        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) if _EVENTFD else None
+        self._go = threading.Lock()
+        self._go.acquire()
+        #: Who the worker is lent to (guarded by the pool's lock); ``None`` while idle.
+        self.owner: weakref.ref[object] | None = owner
+        #: trio: an eventfd the thread writes when a job is done (made on first use).
+        self._fd: int | None = None
+        self._fd_waiter = False  # a task waits on ``_fd`` (trio allows one reader at a time)
+        #: asyncio: the loop last waited on, and how to wake it (cached: a session keeps its loop).
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._notifier: Callable[[asyncio.Future[None]], object] | None = None
+        self.thread: threading.Thread = threading.Thread(
+            target=self._main, name=f"sqlalchemy-threadpool-worker-{next(_names)}", daemon=True
+        )
+        self.thread.start()
+
+    # -- the loop side --------------------------------------------------------------------
+
+    async def call(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` in this thread, in a copy of the current context, and return its value.
+
+        Cancellable at once: a cancelled caller does not wait for the thread. ``fn`` itself
+        must decide whether to run when it starts (``_offload`` gives it that handshake).
+        """
+        job = _Job(fn, copy_context())
+        loop = _get_running_loop()
+        if loop is not None:
+            await self._wait_asyncio(job, loop)
+        else:
+            await self._wait_trio(job)
+        if job.error is not None:
+            error, job.error = job.error, None  # no reference cycle through the traceback
+            raise error
+        value: T = job.value
+        return value
+
+    def forget_loop(self) -> None:
+        """Drop the cached asyncio loop (the next holder may run another one)."""
+        self._loop = self._notifier = None
+
+    def _submit(self, job: _Job) -> None:
+        self._jobs.append(job)
+        if self._wake_fd is not None:
+            os.eventfd_write(self._wake_fd, 1)
+        else:
+            with contextlib.suppress(RuntimeError):  # already released: a wake-up is pending
+                self._go.release()
+
+    async def _wait_asyncio(self, job: _Job, loop: asyncio.AbstractEventLoop) -> None:
+        notifier = self._notifier
+        if loop is not self._loop or notifier is None:
+            notifier = self._notifier = _asyncio_notifier(loop)
+            self._loop = loop
+        future = loop.create_future()
+        job.notify = partial(notifier, future)
+        self._submit(job)
+        try:
+            await future
+        except BaseException:
+            job.notify = None  # cancelled: the caller handles the job from here
+            raise
+
+    async def _wait_trio(self, job: _Job) -> None:
+        trio = sys.modules["trio"]
+        if _EVENTFD and not self._fd_waiter:
+            # The task waits for the thread's eventfd itself: the I/O manager wakes it directly,
+            # without a trip through trio's run_sync_soon queue and its system task.
+            fd = self._fd
+            if fd is None:
+                fd = self._fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            job.notify = partial(os.eventfd_write, fd, 1)
+            self._submit(job)
+            self._fd_waiter = True
+            try:
+                while True:
+                    await trio.lowlevel.wait_readable(fd)
+                    with contextlib.suppress(BlockingIOError):
+                        os.eventfd_read(fd)  # (a stale wake-up of an abandoned job: wait on)
+                    if job.done:
+                        return
+            except BaseException:
+                job.notify = None
+                raise
+            finally:
+                self._fd_waiter = False
+        job.task = trio.lowlevel.current_task()
+        job.notify = partial(trio.lowlevel.current_trio_token().run_sync_soon, _trio_resume, job)
+        self._submit(job)
+
+        def abort(raise_cancel: object) -> object:
+            job.task = None
+            job.notify = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+
+    # -- the thread -----------------------------------------------------------------------
+
+    def _sleeper(self) -> Callable[[], bool]:
+        """How the thread waits for a wake-up, at most the pool's idle timeout (``False``)."""
+        fd, idle = self._wake_fd, self._pool.idle_timeout
+        if fd is None:
+            go = self._go
+            return lambda: go.acquire(timeout=idle)
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        idle_ms = idle * 1000
+
+        def sleep() -> bool:
+            if not poller.poll(idle_ms):
+                return False
+            with contextlib.suppress(BlockingIOError):  # (reset by an earlier read)
+                os.eventfd_read(fd)
+            return True
+
+        return sleep
+
+    def _main(self) -> None:
+        try:
+            self._serve()
+        finally:  # retired: nobody submits to it or waits on its eventfds any more
+            for fd in (self._wake_fd, self._fd):
+                if fd is not None:
+                    os.close(fd)
+
+    def _serve(self) -> None:
+        jobs, sleep, pool = self._jobs, self._sleeper(), self._pool
+        while True:
+            try:
+                job = jobs.popleft()
+            except IndexError:
+                if sleep() or not pool.retire(self):
+                    continue  # new work, or the idle wait ended while lent to a live session
+                return
+            try:
+                job.value = job.context.run(job.fn)
+            except BaseException as exc:  # delivered to the awaiting task
+                job.error = exc
+            job.done = True
+            notify = job.notify
+            if notify is not None:
+                try:
+                    notify()
+                except Exception:  # the loop is gone (closed, or its run finished): no waiter
+                    logger.debug("could not wake the event loop of a finished call", exc_info=True)
+            del job, notify
+
+
+class WorkerPool:
+    """Idle worker threads, lent to sessions while they are admitted.
+
+    Threads are started on demand and wait for work at most ``idle_timeout`` seconds; an idle
+    thread that waited that long leaves the pool and exits. A thread lent to a session that
+    was garbage-collected without giving it back exits the same way.
+    """
+
+    __slots__ = ("_idle", "_lock", "idle_timeout")
+
+    def __init__(self, idle_timeout: float = IDLE_TIMEOUT) -> None:
+        if not idle_timeout > 0:
+            raise ValueError(f"idle_timeout must be a positive number, not {idle_timeout!r}")
+        self.idle_timeout: float = idle_timeout
+        self._lock = threading.Lock()
+        self._idle: list[Worker] = []
+
+    def acquire(self, owner: object) -> Worker:
+        """A worker thread of ``owner``'s own until :meth:`release`; started if none is idle."""
+        with self._lock:
+            if self._idle:
+                worker = self._idle.pop()  # the most recently used: its siblings may time out
+                worker.owner = weakref.ref(owner)
+                return worker
+        # Outside the lock: starting a thread waits until it runs.
+        return Worker(self, weakref.ref(owner))
+
+    def release(self, worker: Worker) -> None:
+        """Give ``worker`` back; it must have no call in flight."""
+        worker.forget_loop()
+        with self._lock:
+            worker.owner = None
+            self._idle.append(worker)
+
+    def retire(self, worker: Worker) -> bool:
+        """Called by a thread whose idle wait timed out: whether it leaves the pool now."""
+        with self._lock:
+            if worker.owner is None:
+                self._idle.remove(worker)
+                return True
+            if worker.owner() is None:  # lent to a session that no longer exists
+                worker.owner = None
+                return True
+            return False
+
+    @property
+    def idle(self) -> int:
+        """How many threads wait in the pool."""
+        with self._lock:
+            return len(self._idle)
+
+
+_pools: dict[float, WorkerPool] = {}
+_pools_lock = threading.Lock()
+
+
+def _forget_threads_after_fork() -> None:
+    """A forked child has none of its parent's threads: start from empty pools."""
+    global _pools_lock
+    _pools_lock = threading.Lock()
+    for pool in _pools.values():
+        pool._lock = threading.Lock()
+        pool._idle = []
+    _loop_wakers.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_threads_after_fork)
+
+
+def worker_pool(idle_timeout: float = IDLE_TIMEOUT) -> WorkerPool:
+    """The process-wide pool whose threads exit after ``idle_timeout`` idle seconds."""
+    pool = _pools.get(idle_timeout)
+    if pool is None:
+        with _pools_lock:
+            pool = _pools.get(idle_timeout)
+            if pool is None:
+                pool = _pools[idle_timeout] = WorkerPool(idle_timeout)
+    return pool
+
+
+# -- waking the event loop from the worker thread ------------------------------------------
+
+
+#: Wake-ups through an eventfd (Linux): cheaper than a socket write plus a loop callback.
+_EVENTFD = hasattr(os, "eventfd") and os.environ.get("SATP_WORKER_EVENTFD", "1") != "0"
+
+
+class _LoopWaker:
+    """Resolves futures on one asyncio loop from worker threads, through one eventfd reader.
+
+    The thread queues the future and writes the eventfd; the loop's reader callback resolves
+    every queued future. Cheaper than ``call_soon_threadsafe`` (which writes a socket the loop
+    then drains with two reads, and resolves in one more callback).
+    """
+
+    __slots__ = ("_fd", "_ready")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._ready: deque[asyncio.Future[None]] = deque()
+        self._fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        try:
+            closing = weakref.finalize(loop, os.close, self._fd)  # TypeError: no weakrefs
+        except BaseException:
+            os.close(self._fd)
+            raise
+        try:
+            loop.add_reader(self._fd, self._resolve_ready)  # NotImplementedError: proactor
+        except BaseException:
+            closing()
+            raise
+
+    def notify(self, future: asyncio.Future[None]) -> None:  # in the worker thread
+        self._ready.append(future)
+        os.eventfd_write(self._fd, 1)
+
+    def _resolve_ready(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self._fd)
+        ready = self._ready
+        while ready:
+            _resolve(ready.popleft())
+
+
+_loop_wakers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopWaker] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _asyncio_notifier(loop: asyncio.AbstractEventLoop) -> Callable[[asyncio.Future[None]], object]:
+    """How a worker thread resolves a future of ``loop`` (called on the loop's thread)."""
+    if _EVENTFD:
+        try:
+            waker = _loop_wakers.get(loop)
+            if waker is None:
+                waker = _loop_wakers[loop] = _LoopWaker(loop)
+            return waker.notify
+        except (NotImplementedError, TypeError):  # no add_reader (proactor), no weakref
+            pass
+
+    def notify(future: asyncio.Future[None]) -> None:
+        loop.call_soon_threadsafe(_resolve, future)
+
+    return notify
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():  # not cancelled meanwhile
+        future.set_result(None)
+
+
+def _trio_resume(job: _Job) -> None:
+    task, job.task = job.task, None
+    if task is not None:  # still waiting (not aborted by a cancellation)
+        sys.modules["trio"].lowlevel.reschedule(task)

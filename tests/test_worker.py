@@ -1,0 +1,462 @@
+"""The dedicated worker threads (``offload="worker"``): the thread per admitted session, the
+handoff both ways, cancellation, errors, context, idle exit, and the ``"anyio"`` alternative."""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from sqlalchemy import Engine, create_engine, select, text
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from helpers import Overlap, user_names
+from models import Base, User
+from sqlalchemy_threadpool import (
+    ConfigurationError,
+    TransactionInterruptedError,
+    allow_blocking,
+    threadpool_session,
+    threadpool_sessionmaker,
+)
+from sqlalchemy_threadpool._guard import _allowed
+from sqlalchemy_threadpool._offload import _WorkerCall
+from sqlalchemy_threadpool._worker import WorkerPool, worker_pool
+
+pytestmark = pytest.mark.anyio
+
+#: A short idle timeout, so the idle-exit tests end quickly; long enough that a thread is
+#: still there between two calls of one test.
+SHORT_IDLE = 0.2
+#: An idle timeout no test waits for: threads stay between the sessions of a test.
+LONG_IDLE = 60.0
+#: Generous bound for "eventually" (a thread exits, a flag is set): never reached when it works.
+EVENTUALLY = 20.0
+
+probe: ContextVar[str] = ContextVar("probe", default="unset")
+
+
+class Owner:
+    """What a worker is lent to (a session's offloader, in the library)."""
+
+
+def _thread_named(ident: int) -> threading.Thread | None:
+    return next((t for t in threading.enumerate() if t.ident == ident), None)
+
+
+def _wait_until(predicate: Callable[[], bool]) -> bool:
+    deadline = time.monotonic() + EVENTUALLY
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+@pytest.fixture
+def sqlite_engine(tmp_path: Path) -> Iterator[Engine]:
+    """A SQLite file engine with the test tables: the worker mechanics need no server."""
+    eng = create_engine(f"sqlite:///{tmp_path}/worker.db", pool_size=5, max_overflow=0)
+    Base.metadata.create_all(eng)
+    try:
+        yield eng
+    finally:
+        eng.dispose()
+
+
+def _private_pool_timeout(base: float = SHORT_IDLE) -> float:
+    """An idle timeout no other test uses, so the test sees a pool of its own."""
+    return base + next(_pool_numbers) * 1e-6
+
+
+_pool_numbers = itertools.count(1)
+
+
+# -- the option ------------------------------------------------------------------------------
+
+
+async def test_worker_is_the_default_and_anyio_stays_selectable(sqlite_engine: Engine) -> None:
+    assert threadpool_sessionmaker(sqlite_engine).offload == "worker"
+    maker = threadpool_sessionmaker(sqlite_engine, offload="anyio")
+    assert "offload='anyio'" in repr(maker)
+    async with maker() as sess:
+        name = await sess.run(lambda s: threading.current_thread().name)
+    assert not name.startswith("sqlalchemy-threadpool-worker")
+    async with threadpool_sessionmaker(sqlite_engine)() as sess:
+        name = await sess.run(lambda s: threading.current_thread().name)
+    assert name.startswith("sqlalchemy-threadpool-worker")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"offload": "threads"}, "offload must be 'worker' or 'anyio'"),
+        ({"worker_idle_timeout": 0}, "worker_idle_timeout must be a positive number"),
+        ({"worker_idle_timeout": -1.0}, "worker_idle_timeout must be a positive number"),
+    ],
+)
+async def test_bad_offload_options_are_refused(
+    sqlite_engine: Engine, kwargs: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        threadpool_sessionmaker(sqlite_engine, **kwargs)
+
+
+# -- one thread per admitted session -----------------------------------------------------------
+
+
+async def test_a_transaction_runs_on_one_dedicated_thread(engine: Engine) -> None:
+    maker = threadpool_sessionmaker(engine)
+    loop_thread = threading.get_ident()
+    async with threadpool_session(maker) as sess:
+        first = await sess.run(lambda s: threading.get_ident())
+        sess.add(User(name="ada"))
+        await sess.flush()
+        seen = [await sess.run(lambda s: threading.get_ident()) for _ in range(5)]
+        await sess.scalar(select(User).where(User.name == "ada"))
+        seen.append(await sess.run(lambda s: threading.get_ident()))
+    assert first != loop_thread
+    assert set(seen) == {first}
+    assert user_names(engine) == {"ada"}
+
+
+async def test_the_thread_goes_back_to_the_pool_and_is_reused(sqlite_engine: Engine) -> None:
+    idle = _private_pool_timeout(LONG_IDLE)
+    maker = threadpool_sessionmaker(sqlite_engine, worker_idle_timeout=idle)
+    idents = []
+    for _ in range(5):
+        async with threadpool_session(maker) as sess:
+            idents.append(await sess.run(lambda s: threading.get_ident()))
+            await sess.execute(text("SELECT 1"))
+    assert len(set(idents)) == 1  # sequential sessions: one thread served them all
+
+
+async def test_a_session_outside_a_transaction_holds_no_thread(sqlite_engine: Engine) -> None:
+    pool_timeout = _private_pool_timeout(LONG_IDLE)
+    maker = threadpool_sessionmaker(sqlite_engine, worker_idle_timeout=pool_timeout)
+    pool = worker_pool(pool_timeout)
+    async with maker() as sess:
+        await sess.run(lambda s: None)  # no transaction: admitted and released again
+        assert pool.idle == 1
+        await sess.execute(text("SELECT 1"))  # a transaction: the thread stays lent
+        assert pool.idle == 0
+        await sess.commit()
+        assert pool.idle == 1
+
+
+async def test_concurrent_tasks_sharing_a_session_take_turns_on_its_thread(
+    sqlite_engine: Engine,
+) -> None:
+    maker = threadpool_sessionmaker(sqlite_engine)
+    overlap = Overlap()
+    idents: set[int] = set()
+
+    def work(s: Session) -> None:
+        with overlap.inside():
+            idents.add(threading.get_ident())
+            s.execute(text("SELECT 1"))
+            time.sleep(0.001)
+
+    async with threadpool_session(maker) as sess:
+        await sess.execute(text("SELECT 1"))
+        async with anyio.create_task_group() as group:
+            for _ in range(8):
+                group.start_soon(sess.run, work)
+    assert overlap.calls == 8
+    assert overlap.peak == 1
+    assert len(idents) == 1
+
+
+async def test_many_sessions_at_once_use_no_more_threads_than_the_limiter(
+    sqlite_engine: Engine,
+) -> None:
+    idle = _private_pool_timeout(LONG_IDLE)
+    maker = threadpool_sessionmaker(sqlite_engine, worker_idle_timeout=idle)
+    assert maker.limiter.total_tokens == 5
+    overlap = Overlap()
+    idents: set[int] = set()
+
+    def work(s: Session, i: int) -> int:
+        with overlap.inside():
+            idents.add(threading.get_ident())
+            time.sleep(0.002)
+            value: int = s.execute(text("SELECT :i"), {"i": i}).scalar_one()
+            return value
+
+    results: dict[int, list[int]] = {}
+
+    async def client(i: int) -> None:
+        async with threadpool_session(maker) as sess:
+            results[i] = [await sess.run(work, i) for _ in range(3)]
+
+    async with anyio.create_task_group() as group:
+        for i in range(40):
+            group.start_soon(client, i)
+    assert results == {i: [i, i, i] for i in range(40)}
+    assert overlap.peak <= 5
+    assert len(idents) <= 5
+
+
+# -- the handoff: errors, context ------------------------------------------------------------
+
+
+class Boom(Exception):
+    pass
+
+
+class Fatal(BaseException):
+    pass
+
+
+async def test_the_workers_exception_reaches_the_caller_unchanged(sqlite_engine: Engine) -> None:
+    maker = threadpool_sessionmaker(sqlite_engine)
+    raised: list[BaseException] = []
+
+    def fail(s: Session) -> None:
+        raised.append(Boom("from the worker"))
+        raise raised[-1]
+
+    async with maker() as sess:
+        with pytest.raises(Boom) as caught:
+            await sess.run(fail)
+        assert caught.value is raised[0]
+        sess.add_all([User(name="ada"), User(name="ada")])
+        with pytest.raises(IntegrityError):
+            await sess.flush()
+        await sess.rollback()
+        assert await sess.run(lambda s: 42) == 42  # the thread survived both
+
+
+async def test_a_base_exception_passes_through_and_the_thread_survives(
+    sqlite_engine: Engine,
+) -> None:
+    maker = threadpool_sessionmaker(sqlite_engine)
+    fatal = Fatal()
+
+    def die(s: Session) -> None:
+        s.execute(text("SELECT 1"))
+        raise fatal
+
+    async with maker() as sess:
+        with pytest.raises(Fatal) as caught:
+            await sess.run(die)
+        assert caught.value is fatal
+        with pytest.raises(TransactionInterruptedError):  # connection state unknown: failed
+            await sess.run(lambda s: None)
+        await sess.rollback()
+        assert await sess.run(lambda s: s.execute(text("SELECT 7")).scalar_one()) == 7
+
+
+async def test_context_is_copied_into_the_worker_for_every_call(sqlite_engine: Engine) -> None:
+    maker = threadpool_sessionmaker(sqlite_engine)
+
+    def read_and_change(s: Session) -> str:
+        value = probe.get()
+        probe.set("changed in the worker")
+        return value
+
+    async with threadpool_session(maker) as sess:
+        await sess.execute(text("SELECT 1"))  # admitted: the same thread from here on
+        token = probe.set("first")
+        assert await sess.run(read_and_change) == "first"
+        assert probe.get() == "first"  # changes made in the worker do not come back
+        probe.set("second")  # set between two calls on the same thread: seen by the next
+        assert await sess.run(read_and_change) == "second"
+        probe.reset(token)
+        assert not await sess.run(lambda s: _allowed.get())
+        with allow_blocking():  # the guard's escape hatch is a ContextVar: it must be seen
+            assert await sess.run(lambda s: _allowed.get())
+        assert not await sess.run(lambda s: _allowed.get())
+
+
+# -- cancellation ----------------------------------------------------------------------------
+
+
+async def test_a_call_cancelled_before_it_starts_never_runs(sqlite_engine: Engine) -> None:
+    maker = threadpool_sessionmaker(sqlite_engine)
+    ran: list[str] = []
+    async with maker() as sess:
+        await sess.execute(text("SELECT 1"))
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            await sess.run(lambda s: ran.append("ran"))
+        assert scope.cancelled_caught
+        assert await sess.run(lambda s: 1) == 1  # not failed: nothing had started
+    assert ran == []
+
+
+async def test_a_queued_job_abandoned_before_the_thread_takes_it_never_runs() -> None:
+    """The handoff over a busy thread: the start/abandon decision holds on the worker path."""
+    pool, owner = WorkerPool(SHORT_IDLE), Owner()
+    worker = pool.acquire(owner)
+    release, ran = threading.Event(), []
+    first = _WorkerCall(lambda: release.wait(EVENTUALLY))
+    second = _WorkerCall(lambda: ran.append("second"))
+    async with anyio.create_task_group() as group:
+        group.start_soon(worker.call, first.run)
+        assert await anyio.to_thread.run_sync(_wait_until, lambda: first.started)
+        with anyio.move_on_after(0.05) as scope:
+            await worker.call(second.run)  # queued behind ``first``
+        assert scope.cancelled_caught
+        assert not second.abandon()  # had not started, and now never will
+        release.set()
+    assert await worker.call(lambda: "later") == "later"  # it skipped ``second``
+    assert ran == []
+    assert first.done
+    assert not second.done
+    pool.release(worker)
+
+
+async def test_cancellation_wakes_the_caller_without_waiting_for_the_thread() -> None:
+    pool, owner = WorkerPool(SHORT_IDLE), Owner()
+    worker = pool.acquire(owner)
+    release, left = threading.Event(), threading.Event()
+
+    def blocked() -> None:
+        release.wait(EVENTUALLY)
+        left.set()
+
+    with anyio.move_on_after(0.05) as scope:
+        await worker.call(blocked)
+    assert scope.cancelled_caught
+    assert not left.is_set()  # the caller is back while the thread is still inside
+    release.set()
+    assert await anyio.to_thread.run_sync(left.wait, EVENTUALLY)
+    assert await worker.call(lambda: "next") == "next"
+    pool.release(worker)
+
+
+async def test_a_started_call_is_waited_for_then_the_unit_of_work_fails(
+    sqlite_engine: Engine,
+) -> None:
+    maker = threadpool_sessionmaker(sqlite_engine, cancel_statements=False)
+    started, release, left = threading.Event(), threading.Event(), threading.Event()
+
+    def slow(s: Session) -> None:
+        s.execute(text("SELECT 1"))
+        started.set()
+        release.wait(EVENTUALLY)
+        left.set()
+
+    async def cancel_once_started(scope: anyio.CancelScope) -> None:
+        assert await anyio.to_thread.run_sync(started.wait, EVENTUALLY)
+        scope.cancel()
+        await anyio.sleep(0.2)  # the awaiting task is still waiting for the worker
+        release.set()
+
+    async with maker() as sess:
+        async with anyio.create_task_group() as group:
+            with anyio.CancelScope() as scope:
+                group.start_soon(cancel_once_started, scope)
+                await sess.run(slow)
+        assert scope.cancelled_caught
+        assert left.is_set()  # the cancellation propagated only once the worker had left
+        assert not sess.in_transaction()  # rolled back
+        with pytest.raises(TransactionInterruptedError):
+            await sess.run(lambda s: None)
+        await sess.rollback()
+        assert await sess.run(lambda s: 3) == 3
+
+
+# -- thread lifetime -------------------------------------------------------------------------
+
+
+async def test_idle_threads_exit_and_no_thread_is_left(sqlite_engine: Engine) -> None:
+    before = threading.active_count()
+    maker = threadpool_sessionmaker(sqlite_engine, worker_idle_timeout=_private_pool_timeout())
+    idents: set[int] = set()
+
+    async def client() -> None:
+        async with threadpool_session(maker) as sess:
+            idents.add(await sess.run(lambda s: threading.get_ident()))
+            await sess.execute(text("SELECT 1"))
+            await anyio.sleep(0.01)
+
+    async with anyio.create_task_group() as group:
+        for _ in range(10):
+            group.start_soon(client)
+    assert idents
+    assert await anyio.to_thread.run_sync(
+        _wait_until, lambda: all(_thread_named(i) is None for i in idents)
+    )
+    assert await anyio.to_thread.run_sync(
+        _wait_until,
+        lambda: threading.active_count() <= before + 1,  # + anyio's helper
+    )
+
+
+async def test_a_thread_lent_to_a_lost_session_exits(sqlite_engine: Engine) -> None:
+    pool_timeout = _private_pool_timeout()
+    maker = threadpool_sessionmaker(sqlite_engine, worker_idle_timeout=pool_timeout)
+    sess = maker()
+    await sess.run(lambda s: s.begin())  # a transaction, no connection: stays admitted
+    assert sess.in_transaction()
+    ident = await sess.run(lambda s: threading.get_ident())
+    thread = _thread_named(ident)
+    assert thread is not None
+    # Never closed, so the thread is not given back (and the maker's limiter keeps its token
+    # holder alive: a lost session is only collected with its maker).
+    del sess, maker
+    gc.collect()
+    await anyio.to_thread.run_sync(thread.join, EVENTUALLY)
+    assert not thread.is_alive()
+    assert worker_pool(pool_timeout).idle == 0
+
+
+_PORTABLE_WAKEUPS = """
+import sys, threading, anyio
+from sqlalchemy import create_engine, text
+from sqlalchemy_threadpool import threadpool_sessionmaker, _worker
+
+assert not _worker._EVENTFD
+engine = create_engine(sys.argv[1])
+
+
+async def main() -> None:
+    async with threadpool_sessionmaker(engine)() as sess:
+        assert await sess.run(lambda s: s.execute(text("SELECT 5")).scalar_one()) == 5
+        try:
+            await sess.run(lambda s: 1 / 0)
+        except ZeroDivisionError:
+            pass
+        else:
+            raise AssertionError("no error")
+    worker = _worker.WorkerPool(1.0).acquire(engine)
+    release = threading.Event()
+    with anyio.move_on_after(0.05) as scope:
+        await worker.call(lambda: release.wait(20))
+    assert scope.cancelled_caught and not release.is_set()
+    release.set()
+    assert await worker.call(lambda: "next") == "next"
+
+
+for backend in ("asyncio", "trio"):
+    anyio.run(main, backend=backend)
+print("ok")
+"""
+
+
+def test_the_portable_wakeups_work_where_eventfd_is_missing(tmp_path: Path) -> None:
+    """Without eventfd (or with SATP_WORKER_EVENTFD=0): call_soon_threadsafe / run_sync_soon."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "SATP_WORKER_EVENTFD": "0"}
+    done = subprocess.run(
+        [sys.executable, "-c", _PORTABLE_WAKEUPS, f"sqlite:///{tmp_path}/portable.db"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
