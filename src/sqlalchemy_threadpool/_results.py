@@ -11,6 +11,7 @@ worker.
 from __future__ import annotations
 
 import inspect
+import types
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from types import TracebackType
@@ -33,8 +34,23 @@ _R = TypeVar("_R")
 STREAM_CHUNK_SIZE = 1000
 
 
+#: Code flags of functions that must not be handed to a worker (async or generator functions).
+_NOT_PLAIN = (
+    inspect.CO_COROUTINE
+    | inspect.CO_ITERABLE_COROUTINE
+    | inspect.CO_GENERATOR
+    | inspect.CO_ASYNC_GENERATOR
+)
+
+
 def check_callable(fn: object, where: str) -> None:
     """Refuse, on the loop and before taking a thread, what cannot run in a worker."""
+    if (
+        type(fn) is types.FunctionType
+        and not fn.__code__.co_flags & _NOT_PLAIN
+        and not hasattr(fn, "_is_coroutine_marker")  # inspect.markcoroutinefunction (3.12+)
+    ):
+        return  # the common case (a lambda or a def): decided without the inspect calls below
     if not callable(fn):
         raise TypeError(f"{where} takes a callable, got {type(fn).__name__!r}.")
     target = getattr(fn, "__call__", None) if not inspect.isroutine(fn) else fn  # noqa: B004
