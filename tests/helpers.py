@@ -125,17 +125,16 @@ async def wait_until_running(
     On a server, "running it" means a busy connection whose query contains ``statement`` (or
     ``benchmark``), case-insensitively.
     """
-    with anyio.fail_after(10):
-        while not started.is_set():
-            await anyio.sleep(0.005)
-        if observer.dialect.name == "sqlite":
-            await anyio.sleep(0.05)  # no process list: give the statement time to start
+    assert await anyio.to_thread.run_sync(started.wait, 10), "the worker never started"
+    if observer.dialect.name == "sqlite":
+        await anyio.sleep(0.05)  # no process list: give the statement time to start
+        return
+    for _ in range(1000):
+        rows = busy_backends(observer)
+        if any(statement in row.lower() or "benchmark" in row.lower() for row in rows):
             return
-        while not any(
-            statement in row.lower() or "benchmark" in row.lower()
-            for row in busy_backends(observer)
-        ):
-            await anyio.sleep(0.01)
+        await anyio.sleep(0.01)
+    raise AssertionError(f"no {statement!r} statement ever ran on the server")
 
 
 def assert_clean(engine: Engine, observer: Engine, checked_out_at_start: int = 0) -> None:

@@ -592,19 +592,17 @@ async def _to_the_end(step: Coroutine[Any, Any, T]) -> T:
         cancelled: asyncio.CancelledError | None = None
         while True:
             try:
-                result = await asyncio.shield(task)
+                await asyncio.shield(task)
+                break
             except asyncio.CancelledError as exc:
                 if task.cancelled():
                     raise
-                cancelled = exc  # the caller's, not the step's: keep waiting for the step
-                continue
+                cancelled = exc  # the caller's, not the step's: wait for the step again
             except BaseException:
-                if cancelled is not None:
-                    raise cancelled from None  # a cleanup error never replaces a cancellation
-                raise
-            if cancelled is not None:
-                raise cancelled
-            return result
+                break  # the step's own error: re-raised below, unless a cancellation is
+    if cancelled is not None:  # a cleanup error never replaces a cancellation
+        raise cancelled from task.exception()
+    return task.result()
 
 
 def _current_task() -> tuple[int, str] | None:
