@@ -102,26 +102,6 @@ async def test_cancel_stops_the_statement_on_the_server(
     assert_clean(engine, other_engine)
 
 
-async def test_cancel_of_the_task_stops_the_statement(
-    engine: Engine, other_engine: Engine
-) -> None:
-    maker = threadpool_sessionmaker(engine)
-    call = SlowCall(engine.dialect.name)
-
-    async def request() -> None:
-        async with threadpool_session(maker) as sess:
-            await sess.run(call)
-
-    start = anyio.current_time()
-    async with anyio.create_task_group() as group:
-        group.start_soon(request)
-        await wait_until_running(other_engine, call.started)
-        group.cancel_scope.cancel()
-    assert anyio.current_time() - start < PROMPT
-    assert len(call.outcome) == 1
-    assert_clean(engine, other_engine)
-
-
 async def test_rows_written_before_the_cancel_are_absent(
     engine: Engine, other_engine: Engine
 ) -> None:
@@ -138,7 +118,10 @@ async def test_rows_written_before_the_cancel_are_absent(
 
             group.start_soon(request)
             await wait_until_running(other_engine, call.started)
+            start = anyio.current_time()
             scope.cancel()
+    assert anyio.current_time() - start < PROMPT  # the task itself was cancelled promptly
+    assert len(call.outcome) == 1
     assert user_names(other_engine) == set()
     assert_clean(engine, other_engine)
 
@@ -249,7 +232,7 @@ async def test_two_cancels_in_a_row_still_clean_up(engine: Engine, other_engine:
         try:
             call(session)
         finally:
-            time.sleep(0.3)  # still inside the session when the second cancel comes
+            time.sleep(0.2)  # still inside the session when the second cancel comes
             lingered.append(True)
 
     outer, inner = anyio.CancelScope(), anyio.CancelScope()
@@ -285,7 +268,7 @@ async def test_two_task_cancels_in_a_row_still_clean_up(
         try:
             call(session)
         finally:
-            time.sleep(0.3)
+            time.sleep(0.2)
             lingered.append(True)
 
     async def request() -> None:
@@ -311,14 +294,14 @@ async def test_a_cancel_never_hits_the_next_statement(db_url: str, other_engine:
     try:
         maker = threadpool_sessionmaker(engine)
         dialect = engine.dialect.name
-        for _ in range(3):
+        for _ in range(2):
             call = SlowCall(dialect)
             async with threadpool_session(maker) as sess:
                 async with cancelled_when_running(other_engine, call):
                     await sess.run(call)
                 await sess.rollback()
             async with threadpool_session(maker) as sess:
-                await sess.execute(slow_statement(dialect, 0.2))  # would fail if hit
+                await sess.execute(slow_statement(dialect, 0.1))  # would fail if hit
                 sess.add(User(name="next"))
             assert user_names(other_engine) == {"next"}
             async with threadpool_session(maker) as sess:
@@ -506,7 +489,7 @@ async def test_without_cancel_statements_the_call_waits_for_the_statement(
     engine: Engine, other_engine: Engine
 ) -> None:
     maker = threadpool_sessionmaker(engine, cancel_statements=False)
-    call = SlowCall(engine.dialect.name, 1)
+    call = SlowCall(engine.dialect.name, 0.6)
     with pytest.raises(TimeoutError):
         with anyio.fail_after(0.3):
             async with threadpool_session(maker) as sess:
