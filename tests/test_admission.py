@@ -193,7 +193,7 @@ async def test_a_waiting_session_holds_no_thread(
 def test_a_limiter_larger_than_the_pool_is_refused(
     tmp_path: Path, pool: dict[str, int], limiter: int | anyio.CapacityLimiter
 ) -> None:
-    engine = create_engine(f"sqlite:///{tmp_path}/t.db", **pool)  # type: ignore[arg-type]
+    engine = create_engine(f"sqlite:///{tmp_path}/t.db", **pool)
     capacity = pool["pool_size"] + pool["max_overflow"]
     with pytest.raises(ConfigurationError, match=rf"\({capacity} connections"):
         threadpool_sessionmaker(engine, limiter=limiter)
