@@ -31,6 +31,10 @@ from sqlalchemy_threadpool import (
 #: The pool's own checkout timeout in these tests: a thread waiting in checkout fails after it.
 POOL_TIMEOUT = 3
 
+#: Admission and pool checkout happen in the client, the same for every database; the one
+#: test that runs statements from many sessions runs on all of them.
+sqlite_only = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+
 
 @pytest.fixture
 def pool_of_one(db_url: str, engine: Engine) -> Iterator[Engine]:
@@ -84,6 +88,7 @@ async def test_twenty_scopes_share_one_connection_without_deadlock(
 
 
 @pytest.mark.anyio
+@sqlite_only
 async def test_admission_timeout_raises_our_error_not_the_pools(
     pool_of_one: Engine, other_engine: Engine
 ) -> None:
@@ -110,6 +115,7 @@ def test_admission_timeout_defaults_to_the_pools(tmp_path: Path) -> None:
 
 
 @pytest.mark.anyio
+@sqlite_only
 async def test_cancel_while_waiting_for_admission_raises_at_once(
     pool_of_one: Engine, other_engine: Engine
 ) -> None:
@@ -140,6 +146,7 @@ async def test_cancel_while_waiting_for_admission_raises_at_once(
 
 
 @pytest.mark.anyio
+@sqlite_only
 async def test_a_session_without_a_transaction_gives_its_capacity_back(
     pool_of_one: Engine, other_engine: Engine
 ) -> None:
@@ -154,6 +161,7 @@ async def test_a_session_without_a_transaction_gives_its_capacity_back(
 
 
 @pytest.mark.anyio
+@sqlite_only
 async def test_a_waiting_session_holds_no_thread(
     pool_of_one: Engine, other_engine: Engine
 ) -> None:

@@ -39,6 +39,9 @@ LONG = 30
 #: "Well under" LONG: a cancelled call that returns later than this was not cancelled.
 PROMPT = 5
 
+#: For behaviour decided on the event loop before any statement runs: one database is enough.
+sqlite_only = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+
 
 class SlowCall:
     """A callable for ``sess.run``: starts a long statement and records how the worker left."""
@@ -174,6 +177,7 @@ async def test_asyncio_timeout_raises_timeout_error(
         await _times_out(engine, other_engine, lambda: asyncio.timeout(0.3))
 
 
+@sqlite_only
 async def test_cancelled_before_dispatch_never_runs(engine: Engine, other_engine: Engine) -> None:
     maker = threadpool_sessionmaker(engine)
     ran: list[bool] = []
@@ -190,6 +194,7 @@ async def test_cancelled_before_dispatch_never_runs(engine: Engine, other_engine
     assert_clean(engine, other_engine)
 
 
+@sqlite_only
 async def test_cancelled_while_waiting_for_its_turn_never_runs(
     engine: Engine, other_engine: Engine
 ) -> None:

@@ -305,8 +305,9 @@ class Offloader:
         if self._failure is not None:
             raise TransactionInterruptedError(
                 f"This session's unit of work failed: {self._failure}. Call "
-                "`await sess.rollback()` to acknowledge it and start a new transaction, or let "
-                "the `threadpool_session()` block end."
+                "`await sess.rollback()` to acknowledge it and start a new transaction (a "
+                "`threadpool_session()` block that ends normally without it raises this error "
+                "instead of committing), or let the cancellation propagate."
             )
 
     def _check_owner(self) -> None:
