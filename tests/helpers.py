@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import sqlite3
 import threading
+import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -104,17 +105,24 @@ def busy_backends(observer: Engine) -> list[str]:
             "SELECT pid, state, query FROM pg_stat_activity WHERE datname = current_database() "
             "AND pid <> pg_backend_pid() AND state IS DISTINCT FROM 'idle'"
         )
-    else:
-        query = text(
-            "SELECT id, command, info FROM information_schema.processlist "
-            "WHERE db = DATABASE() AND id <> CONNECTION_ID() AND command <> 'Sleep' "
-            "UNION ALL "
-            "SELECT p.id, 'in transaction', t.trx_query FROM information_schema.innodb_trx t "
-            "JOIN information_schema.processlist p ON p.id = t.trx_mysql_thread_id "
-            "WHERE p.db = DATABASE() AND p.id <> CONNECTION_ID()"
-        )
+        with observer.connect() as conn:
+            return [" | ".join(str(v) for v in row) for row in conn.execute(query)]
+    running = text(
+        "SELECT id, command, info FROM information_schema.processlist "
+        "WHERE db = DATABASE() AND id <> CONNECTION_ID() AND command <> 'Sleep'"
+    )
+    in_transaction = text(
+        "SELECT p.id, 'in transaction', t.trx_query FROM information_schema.innodb_trx t "
+        "JOIN information_schema.processlist p ON p.id = t.trx_mysql_thread_id "
+        "WHERE p.db = DATABASE() AND p.id <> CONNECTION_ID()"
+    )
     with observer.connect() as conn:
-        return [" | ".join(str(v) for v in row) for row in conn.execute(query)]
+        rows = list(conn.execute(running))
+        transactions = list(conn.execute(in_transaction))
+        if transactions:  # InnoDB caches this table for 0.1 s: make sure it is not stale
+            time.sleep(0.11)
+            transactions = list(conn.execute(in_transaction))
+    return [" | ".join(str(v) for v in row) for row in rows + transactions]
 
 
 async def wait_until_running(
