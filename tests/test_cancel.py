@@ -401,6 +401,35 @@ async def test_killed_benchmark_returns_normally_but_the_unit_of_work_fails(
     assert_clean(engine, other_engine)
 
 
+class _Escaped(BaseException):
+    """Stands for a BaseException (KeyboardInterrupt, SystemExit) raised in a worker."""
+
+
+async def test_a_base_exception_in_the_worker_invalidates_the_connection(
+    engine: Engine, other_engine: Engine
+) -> None:
+    maker = threadpool_sessionmaker(engine)
+    invalidated: list[object] = []
+    event.listen(engine, "invalidate", lambda conn, record, exc: invalidated.append(exc))
+    escaped = _Escaped()
+
+    def interrupted(session: Session) -> None:
+        session.execute(text("SELECT 1"))
+        raise escaped  # the connection's state is unknown now
+
+    with pytest.raises(_Escaped) as caught:
+        async with threadpool_session(maker) as sess:
+            sess.add(User(name="ada"))
+            await sess.flush()
+            await sess.run(interrupted)
+    assert caught.value is escaped  # unchanged
+    assert len(invalidated) == 1  # discarded, not returned to the pool
+    assert user_names(other_engine) == set()
+    async with threadpool_session(maker) as sess:  # the pool reconnects
+        assert await sess.scalar(text("SELECT 1")) == 1
+    assert_clean(engine, other_engine)
+
+
 # -- cancel during commit ------------------------------------------------------------------
 
 
