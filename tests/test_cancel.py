@@ -430,6 +430,49 @@ async def test_a_base_exception_in_the_worker_invalidates_the_connection(
     assert_clean(engine, other_engine)
 
 
+async def test_a_statement_that_ignores_the_cancel_is_cut_after_the_cleanup_timeout(
+    engine: Engine, other_engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """PostgreSQL: a function that catches ``query_canceled`` and sleeps again."""
+    if engine.dialect.name != "postgresql":
+        pytest.skip("needs a statement that survives a cancel request")
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "CREATE OR REPLACE FUNCTION satp_stubborn_sleep() RETURNS void AS $$ BEGIN "
+                f"LOOP BEGIN PERFORM pg_sleep({LONG}); RETURN; "
+                "EXCEPTION WHEN query_canceled THEN NULL; END; END LOOP; END $$ "
+                "LANGUAGE plpgsql"
+            )
+        )
+    maker = threadpool_sessionmaker(engine, cleanup_timeout=0.5)
+    invalidated: list[object] = []
+    event.listen(engine, "invalidate", lambda conn, record, exc: invalidated.append(exc))
+    call = SlowCall("postgresql")
+    call.statement = text("SELECT satp_stubborn_sleep()")
+    pid: list[int] = []
+    start = anyio.current_time()
+    with caplog.at_level(logging.WARNING, logger="sqlalchemy_threadpool"):
+        async with threadpool_session(maker) as sess:
+            pid.append(await sess.scalar(text("SELECT pg_backend_pid()")))
+            async with cancelled_when_running(other_engine, call):
+                await sess.run(call)
+            await sess.rollback()
+    assert anyio.current_time() - start < PROMPT
+    assert call.outcome == ["raised"]  # "server closed the connection": the worker is out
+    assert len(invalidated) == 1
+    assert "shutting down its connection's socket" in caplog.text
+    # The server notices the closed socket only when the statement ends (a limitation of
+    # cutting the connection): end the backend here so the leak check sees the rest.
+    with other_engine.connect() as conn:
+        conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid[0]})
+    for _ in range(100):
+        if not busy_backends(other_engine):
+            break
+        await anyio.sleep(0.05)
+    assert_clean(engine, other_engine)
+
+
 # -- cancel during commit ------------------------------------------------------------------
 
 
