@@ -582,12 +582,15 @@ async def _to_the_end(step: Coroutine[Any, Any, T]) -> T:
     ``anyio.CancelScope(shield=True)`` stops cancel scopes, but not asyncio's own
     ``Task.cancel()`` (which servers, ``asyncio.timeout()`` and ``wait_for()`` use): a second
     one arriving during the cleanup of the first would end the wait while the worker is still
-    inside the session. On asyncio the step therefore runs in a task of its own; a native
-    cancellation of the caller only makes it wait again, and is re-raised once the step is
-    done. Trio has no cancellation but cancel scopes, so the shield is enough there.
+    inside the session. So while the calling asyncio task is being cancelled the step runs in
+    a task of its own; a further native cancellation of the caller only makes it wait again,
+    and is re-raised once the step is done. (Otherwise the step is awaited directly, saving a
+    task per scope on the common path: a first cancellation of one of its calls is handled
+    by ``_dispatch``, which comes back here.) Trio has no cancellation but cancel scopes, so
+    the shield is enough there.
     """
     with anyio.CancelScope(shield=True):
-        if asyncio._get_running_loop() is None:
+        if not _being_cancelled():
             return await step
         task = asyncio.ensure_future(step)
         cancelled: asyncio.CancelledError | None = None
@@ -604,6 +607,15 @@ async def _to_the_end(step: Coroutine[Any, Any, T]) -> T:
     if cancelled is not None:  # a cleanup error never replaces a cancellation
         raise cancelled from task.exception()
     return task.result()
+
+
+def _being_cancelled() -> bool:
+    """Whether the current asyncio task has a cancellation in progress (Python 3.10 cannot
+    tell: always ``True`` there); ``False`` outside asyncio."""
+    if asyncio._get_running_loop() is None:
+        return False
+    cancelling = getattr(asyncio.current_task(), "cancelling", None)
+    return cancelling is None or cancelling() > 0
 
 
 def _current_task() -> tuple[int, str] | None:
