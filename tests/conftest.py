@@ -32,6 +32,8 @@ from sqlalchemy.pool import NullPool
 
 from models import Base
 
+pytest.register_assert_rewrite("helpers")  # helpers' asserts report their values, too
+
 ALL_DATABASES = ("sqlite", "postgresql", "mysql")
 
 DEFAULT_URLS = {

@@ -29,11 +29,12 @@ in this order:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
@@ -304,8 +305,9 @@ class Offloader:
         if self._failure is not None:
             raise TransactionInterruptedError(
                 f"This session's unit of work failed: {self._failure}. Call "
-                "`await sess.rollback()` to acknowledge it and start a new transaction, or let "
-                "the `threadpool_session()` block end."
+                "`await sess.rollback()` to acknowledge it and start a new transaction (a "
+                "`threadpool_session()` block that ends normally without it raises this error "
+                "instead of committing), or let the cancellation propagate."
             )
 
     def _check_owner(self) -> None:
@@ -354,12 +356,15 @@ class Offloader:
                 self._release_if_idle()
 
     async def finish(self, *, commit: bool) -> None:
-        """End the unit of work: commit, or roll back; then close. Call it shielded.
+        """End the unit of work: commit, or roll back; then close. Shielded.
 
         A commit error propagates after the rollback. A failed unit of work is never
         committed: with ``commit=True`` it raises :class:`TransactionInterruptedError`.
         Cleanup is never refused, not even to a non-owner task.
         """
+        await _to_the_end(self._finish(commit=commit))
+
+    async def _finish(self, *, commit: bool) -> None:
         async with self._lock:
             failed = self._failure is not None
             try:
@@ -444,26 +449,28 @@ class Offloader:
                 own = exc is work.error
                 if own and isinstance(exc, Exception) and not work.aborted:
                     raise  # the database's (or the callable's) own error: unchanged
-                with anyio.CancelScope(shield=True):
-                    if own and work.aborted:
-                        await self._fail(work, _SHUTDOWN, invalidate=False)
-                    elif own:  # a BaseException escaped the worker: connection state unknown
-                        what = f"{type(exc).__name__} escaped its worker thread"
-                        await self._fail(work, what, invalidate=True)
-                    elif work.abandon():  # interrupted while the worker was inside
-                        await self._stop(work)
-                        what = f"a call was interrupted by {type(exc).__name__} while it ran"
-                        await self._fail(work, what, invalidate=False)
+                await _to_the_end(self._interrupted(work, exc, own))
                 if own and work.aborted and isinstance(exc, Exception):
                     self.check_usable()  # raises, chained to the driver's "cancelled" error
                 raise
             if work.aborted:
-                with anyio.CancelScope(shield=True):
-                    await self._fail(work, _SHUTDOWN, invalidate=False)
+                await _to_the_end(self._fail(work, _SHUTDOWN, invalidate=False))
                 self.check_usable()
             return value
         finally:
             self._current = None
+
+    async def _interrupted(self, work: _WorkerCall, exc: BaseException, own: bool) -> None:
+        """Stop and fail a call that ``exc`` interrupted (``own``: raised by the worker)."""
+        if own and work.aborted:
+            await self._fail(work, _SHUTDOWN, invalidate=False)
+        elif own:  # a BaseException escaped the worker: connection state unknown
+            what = f"{type(exc).__name__} escaped its worker thread"
+            await self._fail(work, what, invalidate=True)
+        elif work.abandon():  # interrupted while the worker was inside
+            await self._stop(work)
+            what = f"a call was interrupted by {type(exc).__name__} while it ran"
+            await self._fail(work, what, invalidate=False)
 
     async def _stop(self, work: _WorkerCall, sever_at: float | None = None) -> None:
         """Make an interrupted worker leave: cancel its statement until it does; shielded."""
@@ -567,6 +574,48 @@ class Offloader:
             if self.session.in_transaction():
                 await self._cleanup(invalidate=False)
             self._release_if_idle()
+
+
+async def _to_the_end(step: Coroutine[Any, Any, T]) -> T:
+    """Await a cleanup ``step`` to its end, whatever cancels the calling task meanwhile.
+
+    ``anyio.CancelScope(shield=True)`` stops cancel scopes, but not asyncio's own
+    ``Task.cancel()`` (which servers, ``asyncio.timeout()`` and ``wait_for()`` use): a second
+    one arriving during the cleanup of the first would end the wait while the worker is still
+    inside the session. So while the calling asyncio task is being cancelled the step runs in
+    a task of its own; a further native cancellation of the caller only makes it wait again,
+    and is re-raised once the step is done. (Otherwise the step is awaited directly, saving a
+    task per scope on the common path: a first cancellation of one of its calls is handled
+    by ``_dispatch``, which comes back here.) Trio has no cancellation but cancel scopes, so
+    the shield is enough there.
+    """
+    with anyio.CancelScope(shield=True):
+        if not _being_cancelled():
+            return await step
+        task = asyncio.ensure_future(step)
+        cancelled: asyncio.CancelledError | None = None
+        while True:
+            try:
+                await asyncio.shield(task)
+                break
+            except asyncio.CancelledError as exc:
+                if task.cancelled():
+                    raise
+                cancelled = exc  # the caller's, not the step's: wait for the step again
+            except BaseException:
+                break  # the step's own error: re-raised below, unless a cancellation is
+    if cancelled is not None:  # a cleanup error never replaces a cancellation
+        raise cancelled from task.exception()
+    return task.result()
+
+
+def _being_cancelled() -> bool:
+    """Whether the current asyncio task has a cancellation in progress (Python 3.10 cannot
+    tell: always ``True`` there); ``False`` outside asyncio."""
+    if asyncio._get_running_loop() is None:
+        return False
+    cancelling = getattr(asyncio.current_task(), "cancelling", None)
+    return cancelling is None or cancelling() > 0
 
 
 def _current_task() -> tuple[int, str] | None:
