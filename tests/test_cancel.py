@@ -22,7 +22,14 @@ import pytest
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.orm import Session
 
-from helpers import assert_clean, busy_backends, slow_statement, user_names, wait_until_running
+from helpers import (
+    assert_clean,
+    busy_backends,
+    only_on,
+    slow_statement,
+    user_names,
+    wait_until_running,
+)
 from models import User
 from sqlalchemy_threadpool import (
     ThreadpoolSessionError,
@@ -375,12 +382,11 @@ async def test_a_scope_that_ignores_the_interruption_commits_nothing(
     assert_clean(engine, other_engine)
 
 
+@only_on("mysql")
 async def test_killed_benchmark_returns_normally_but_the_unit_of_work_fails(
     engine: Engine, other_engine: Engine
 ) -> None:
     """MariaDB's BENCHMARK() stopped by KILL QUERY returns 0 without an error."""
-    if engine.dialect.name != "mysql":
-        pytest.skip("BENCHMARK() is MySQL/MariaDB's")
     maker = threadpool_sessionmaker(engine)
     started = threading.Event()
     returned: list[Any] = []
@@ -434,12 +440,11 @@ async def test_a_base_exception_in_the_worker_invalidates_the_connection(
     assert_clean(engine, other_engine)
 
 
+@only_on("postgresql")
 async def test_a_statement_that_ignores_the_cancel_is_cut_after_the_cleanup_timeout(
     engine: Engine, other_engine: Engine, caplog: pytest.LogCaptureFixture
 ) -> None:
     """PostgreSQL: a function that catches ``query_canceled`` and sleeps again."""
-    if engine.dialect.name != "postgresql":
-        pytest.skip("needs a statement that survives a cancel request")
     with engine.begin() as conn:
         conn.execute(
             text(
@@ -500,12 +505,11 @@ async def test_cancel_during_commit_applies_nothing_and_warns(
     assert_clean(engine, other_engine)
 
 
+@only_on("postgresql")
 async def test_cancel_during_the_commit_statement_applies_nothing(
     engine: Engine, other_engine: Engine, caplog: pytest.LogCaptureFixture
 ) -> None:
     """PostgreSQL: a deferred constraint trigger makes the COMMIT statement itself slow."""
-    if engine.dialect.name != "postgresql":
-        pytest.skip("deferred constraint triggers are PostgreSQL's")
     with engine.begin() as conn:
         conn.execute(
             text(

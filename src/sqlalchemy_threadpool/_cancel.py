@@ -61,6 +61,10 @@ _connections_lock = threading.Lock()
 #: DBAPI connection, which the pool's ``checkin`` waits for; and the number of check-ins.
 _CANCEL_LOCK = "sqlalchemy_threadpool.cancel_lock"
 _CHECKINS = "sqlalchemy_threadpool.checkins"
+#: MySQL/MariaDB: the server's id of the connection, read in the worker that owns it, because
+#: mysqlclient refuses ``thread_id()`` from another thread while a query runs. The pool clears
+#: ``info`` when the DBAPI connection is replaced, so the id never outlives its connection.
+_THREAD_ID = "sqlalchemy_threadpool.thread_id"
 
 _engines: weakref.WeakSet[Engine] = weakref.WeakSet()
 
@@ -69,6 +73,10 @@ def track_connections(session: Session, transaction: Any, connection: Connection
     """``after_begin`` listener: remember which connections a session is using."""
     info = connection.connection.info
     engine = connection.engine
+    if _THREAD_ID not in info and engine.dialect.name in ("mysql", "mariadb"):
+        thread_id = getattr(connection.connection.dbapi_connection, "thread_id", None)
+        if thread_id is not None:
+            info[_THREAD_ID] = int(thread_id())
     with _connections_lock:
         info.setdefault(_CANCEL_LOCK, threading.Lock())
         if engine not in _engines:
@@ -125,16 +133,16 @@ def _dbapi(connection: Connection) -> Any:
 class StatementCanceller(Protocol):
     """Stops the statement a DBAPI connection is running; called from a helper thread."""
 
-    def cancel(self, dbapi_connection: Any) -> None: ...
+    def cancel(self, dbapi_connection: Any, info: dict[Any, Any]) -> None: ...
 
 
 class _Psycopg2Canceller:
-    def cancel(self, dbapi_connection: Any) -> None:
+    def cancel(self, dbapi_connection: Any, info: dict[Any, Any]) -> None:
         dbapi_connection.cancel()
 
 
 class _SqliteCanceller:
-    def cancel(self, dbapi_connection: Any) -> None:
+    def cancel(self, dbapi_connection: Any, info: dict[Any, Any]) -> None:
         dbapi_connection.interrupt()
 
 
@@ -158,8 +166,10 @@ class _MySQLCanceller:
             sock.settimeout(SIDE_CONNECTION_TIMEOUT)
         return side
 
-    def cancel(self, dbapi_connection: Any) -> None:
-        thread_id = int(dbapi_connection.thread_id())
+    def cancel(self, dbapi_connection: Any, info: dict[Any, Any]) -> None:
+        thread_id = info.get(_THREAD_ID)
+        if thread_id is None:  # not seen by track_connections: ask the connection itself
+            thread_id = int(dbapi_connection.thread_id())
         side = self._side_connection()
         try:
             cursor = side.cursor()
@@ -222,7 +232,7 @@ def cancel_statements(
             if dbapi is None:
                 continue
             try:
-                canceller.cancel(dbapi)
+                canceller.cancel(dbapi, info)
             except Exception:
                 logger.log(
                     logging.WARNING if loud else logging.DEBUG,
