@@ -8,6 +8,7 @@ a cancellation or the admission timeout ends at once.
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +19,7 @@ from sqlalchemy import Engine, create_engine, func, select, text
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session
 
-from helpers import Overlap, assert_clean, user_names
+from helpers import Overlap, assert_clean, checked_out, user_names
 from models import User
 from sqlalchemy_threadpool import (
     AdmissionTimeoutError,
@@ -212,3 +213,28 @@ def test_a_limiter_smaller_than_the_pool_warns(tmp_path: Path) -> None:
     with pytest.warns(ConfigurationWarning, match=r"smaller than the connection pool \(5"):
         threadpool_sessionmaker(engine, limiter=4)
     assert threadpool_sessionmaker(engine, limiter=5).limiter.total_tokens == 5  # no warning
+
+
+async def _begin_and_drop(maker: threadpool_sessionmaker, name: str) -> None:
+    sess = maker()  # never closed: the caller forgot `async with`
+    sess.add(User(name=name))
+    await sess.flush()  # holds a transaction, a connection and a token
+    assert maker.limiter.borrowed_tokens == 1
+
+
+@pytest.mark.anyio
+async def test_a_session_dropped_without_closing_gives_its_capacity_back(
+    pool_of_one: Engine, other_engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Like a sync Session, a lost one returns its connection when collected; and its token."""
+    maker = threadpool_sessionmaker(pool_of_one, admission_timeout=2)
+    await _begin_and_drop(maker, "lost")
+    gc.collect()
+    await anyio.sleep(0.05)  # the token is given back on the loop, soon after collection
+    assert maker.limiter.borrowed_tokens == 0
+    assert checked_out(pool_of_one) == 0
+    assert "garbage-collected while it held a transaction" in caplog.text
+    async with threadpool_session(maker) as sess:  # the one connection is usable again
+        sess.add(User(name="kept"))
+    assert user_names(other_engine) == {"kept"}  # the lost transaction was rolled back
+    assert_clean(pool_of_one, other_engine)

@@ -138,8 +138,10 @@ class _SessionGuard:
 
     def __init__(self, mode: GuardMode) -> None:
         self.mode: GuardMode = mode
-        #: Connections the session's current root transaction holds.
-        self.connections: list[Connection] = []
+        #: Connections the session's current root transaction holds. Weak: ``_owned`` maps
+        #: each of them to this object, and a strong reference back would keep a lost
+        #: session's connection (and so its pool slot) alive for ever.
+        self.connections: weakref.WeakSet[Connection] = weakref.WeakSet()
         #: In "warn" mode, the operation already reported ("flush", "commit"): the statements
         #: it sends are that one occurrence, not new ones.
         self.reporting: str | None = None
@@ -210,7 +212,7 @@ def install_guard(maker: sessionmaker[Any], mode: GuardMode) -> None:
         guard = _guard_of(session, mode)
         if _owned.get(conn) is not guard:
             _owned[conn] = guard
-            guard.connections.append(conn)
+            guard.connections.add(conn)
             if conn.engine not in _engines:
                 _watch_engine(conn.engine)
         if guard.reporting is None and _blocked():
@@ -221,7 +223,7 @@ def install_guard(maker: sessionmaker[Any], mode: GuardMode) -> None:
             guard = _sessions.get(session)
             if guard is not None:
                 guard.reporting = None
-                for conn in guard.connections:
+                for conn in list(guard.connections):
                     if _owned.get(conn) is guard:
                         del _owned[conn]
                 guard.connections.clear()

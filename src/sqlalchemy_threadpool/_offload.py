@@ -223,6 +223,53 @@ def admitted_offloaders(engine: Engine) -> list[Offloader]:
     return [offloader for offloader in list(_admitted) if offloader.uses(engine)]
 
 
+class _Ticket:
+    """What an admitted session borrows the maker's limiter token on behalf of.
+
+    Not the :class:`Offloader` itself: the limiter keeps its borrowers, and a session that was
+    dropped without being closed must stay collectable, so that its connection goes back to the
+    pool and :func:`_release_lost` gives its token back instead of losing it for good.
+    """
+
+    __slots__ = ("__weakref__", "held", "limiter", "schedule")
+
+    def __init__(self, limiter: anyio.CapacityLimiter) -> None:
+        self.limiter = limiter
+        self.held = False
+        #: The event loop's thread-safe "call soon", set at the first admission.
+        self.schedule: Callable[..., object] | None = None
+
+
+def _loop_scheduler() -> Callable[..., object]:
+    """The running event loop's thread-safe way to run a callback soon (asyncio or trio)."""
+    try:
+        return asyncio.get_running_loop().call_soon_threadsafe
+    except RuntimeError:  # not asyncio: anyio's only other backend
+        import trio
+
+        return trio.lowlevel.current_trio_token().run_sync_soon
+
+
+def _release_lost(ticket: _Ticket) -> None:
+    """Finalizer of an Offloader: give back the token of a session dropped while admitted.
+
+    Runs wherever the garbage collector ran; the release itself is handed to the loop.
+    """
+    if not ticket.held or ticket.schedule is None:
+        return
+    ticket.held = False
+    try:
+        ticket.schedule(ticket.limiter.release_on_behalf_of, ticket)
+    except RuntimeError:  # the loop has closed: its limiter is gone with it
+        return
+    logger.warning(
+        "a ThreadpoolSession was garbage-collected while it held a transaction; its "
+        "transaction was lost and its connection capacity given back. End every session: "
+        "`async with maker() as sess:`, `async with threadpool_session(...)`, or "
+        "`await sess.close()`"
+    )
+
+
 class Offloader:
     """Runs the calls of one sync :class:`~sqlalchemy.orm.Session` in worker threads."""
 
@@ -240,6 +287,7 @@ class Offloader:
         "_owner",
         "_strict",
         "_threads",
+        "_ticket",
         "_worker",
         "_workers",
         "session",
@@ -273,6 +321,7 @@ class Offloader:
         #: The thread lent to this session while it is admitted (``workers`` only).
         self._worker: Worker | None = None
         self._admitted = False
+        self._ticket: _Ticket | None = None
         self._closed_reason: str | None = None
         self._failure: str | None = None
         self._current: _WorkerCall | None = None
@@ -379,18 +428,24 @@ class Offloader:
             self.check_usable()
 
     async def _admit(self) -> None:
+        ticket = self._ticket
+        if ticket is None:
+            ticket = self._ticket = _Ticket(self._limiter)
+            ticket.schedule = _loop_scheduler()
+            finalizer = weakref.finalize(self, _release_lost, ticket)
+            finalizer.atexit = False
         try:  # capacity free and nobody queued: no trip round the loop, no cancel scope
-            self._limiter.acquire_on_behalf_of_nowait(self)
+            self._limiter.acquire_on_behalf_of_nowait(ticket)
         except anyio.WouldBlock:
             pass
         else:
-            self._admitted = True
+            self._admitted = ticket.held = True
             _admitted.add(self)
             return
         deadline = math.inf if self._admission_timeout is None else self._admission_timeout
         with anyio.move_on_after(deadline) as scope:
-            await self._limiter.acquire_on_behalf_of(self)
-            self._admitted = True
+            await self._limiter.acquire_on_behalf_of(ticket)
+            self._admitted = ticket.held = True
             _admitted.add(self)
         if scope.cancelled_caught:
             raise AdmissionTimeoutError(
@@ -406,7 +461,10 @@ class Offloader:
         if self._admitted:
             self._admitted = False
             _admitted.discard(self)
-            self._limiter.release_on_behalf_of(self)
+            ticket = self._ticket
+            assert ticket is not None
+            ticket.held = False
+            self._limiter.release_on_behalf_of(ticket)
         worker = self._worker
         if worker is not None and self._workers is not None:
             # No call of ours is in it: a started one was waited for, an abandoned one
