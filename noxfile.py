@@ -103,8 +103,11 @@ def build(session: nox.Session) -> None:
         session.run(python, str(Path("tests") / "smoke.py"), external=True)
 
 
-# @nox.session
-# def bench(session: nox.Session) -> None:
-#     """Run the benchmarks in bench/ against the local test servers."""
-#     install(session, "bench")
-#     session.run("python", "-m", "bench", *session.posargs)
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Benchmarks (issue 5) against the local test servers: ``nox -s bench -- --quick``.
+
+    Arguments after ``--`` go to bench/bench.py (``--help`` lists them); see bench/README.md.
+    """
+    install(session, "bench")
+    session.run("python", "bench/bench.py", *session.posargs)

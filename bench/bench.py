@@ -24,11 +24,13 @@ import argparse
 import asyncio
 import contextlib
 import functools
+import inspect
 import itertools
 import json
 import math
 import multiprocessing
 import os
+import queue
 import resource
 import shutil
 import statistics
@@ -60,7 +62,9 @@ from sqlalchemy.orm import (
 
 DATABASES = ("sqlite", "postgresql", "mysql")
 BACKENDS = ("asyncio", "trio")
-WORKLOADS = ("W0", "W1", "W2", "W3", "W4")
+#: W0-W4 as issue 5 defines them; M: memory and threads with 1,000 concurrent scopes (issue 5);
+#: G: guard on vs off (bench/guard_cost.py, issue 3).
+WORKLOADS = ("W0", "W1", "W2", "W3", "W4", "M", "G")
 
 DEFAULT_URLS = {
     "postgresql": "postgresql+psycopg2://postgres@127.0.0.1:5432/test",
@@ -99,10 +103,31 @@ class Sizes:
     tasks: int
     rows: int
     repeats: int
+    guard_calls: int
+    guard_rounds: int
+    scopes: int = 1_000
 
 
-FULL = Sizes(hop_calls=5_000, point_calls=2_000, requests=1_600, tasks=32, rows=5_000, repeats=7)
-QUICK = Sizes(hop_calls=1_500, point_calls=500, requests=480, tasks=32, rows=5_000, repeats=3)
+FULL = Sizes(
+    hop_calls=3_000,
+    point_calls=1_000,
+    requests=640,
+    tasks=32,
+    rows=5_000,
+    repeats=5,
+    guard_calls=2_000,
+    guard_rounds=5,
+)
+QUICK = Sizes(
+    hop_calls=1_000,
+    point_calls=300,
+    requests=192,
+    tasks=32,
+    rows=2_000,
+    repeats=3,
+    guard_calls=1_000,
+    guard_rounds=3,
+)
 
 
 @dataclass(frozen=True)
@@ -130,7 +155,10 @@ WORKLOAD_INFO = {
         "event-loop lag p99 while W2 runs (1 ms ticker overshoot)", "ms", False, "anyio_to_thread"
     ),
     "W4": WorkloadInfo(
-        "unit of work: insert 5,000 rows, read back with selectinload", "s", False, "raw_sync"
+        "unit of work: insert 5,000 rows (--quick: 2,000), read back with selectinload",
+        "s",
+        False,
+        "raw_sync",
     ),
 }
 # -- schema --------------------------------------------------------------------------------
@@ -253,7 +281,7 @@ class Fixture:
     def reset(self, job: str) -> None:
         """Delete what earlier jobs wrote, so each job starts from the same tables."""
         with self.engine.begin() as conn:
-            if job == "W23":
+            if job in ("W23", "M"):
                 conn.execute(delete(Post).where(Post.id > self.seed_post_max))
             elif job == "W4":
                 conn.execute(delete(BatchItem))
@@ -289,6 +317,7 @@ class LoopProbe:
 
     lags: list[float] = field(default_factory=list)
     peak_threads: int = 0
+    peak_rss_mib: float = 0.0
     stopped: bool = False
 
     async def run(self) -> None:
@@ -297,6 +326,8 @@ class LoopProbe:
             await anyio.sleep(TICK_S)
             self.lags.append(time.perf_counter() - start - TICK_S)
             self.peak_threads = max(self.peak_threads, threading.active_count())
+            if len(self.lags) % 20 == 0:
+                self.peak_rss_mib = max(self.peak_rss_mib, current_rss_mib())
 
     def p99_ms(self) -> float:
         return p99(self.lags) * 1e3
@@ -310,6 +341,18 @@ async def idle_lag_ms(seconds: float = 0.3) -> float:
         await anyio.sleep(seconds)
         probe.stopped = True
     return probe.p99_ms()
+
+
+def current_rss_mib() -> float:
+    """Resident set size now (Linux ``/proc``; 0 elsewhere)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
 
 
 def peak_rss_kb() -> int:
@@ -367,6 +410,10 @@ class Variant(abc.ABC):
     def unit_of_work(self, rows: int) -> float:
         """W4: seconds to insert ``rows`` rows and read them back with selectinload."""
 
+    def memory(self, scopes: int) -> dict[str, Outcome]:
+        """M: ``scopes`` concurrent scopes (one W2 request each) against pool 10."""
+        raise NotApplicable("no concurrent scopes")
+
     def close(self) -> None:
         """Release the variant's engine (end of the worker process)."""
         if self.sync_engine is not None:
@@ -375,6 +422,11 @@ class Variant(abc.ABC):
     def run_job(self, job: str, sizes: Sizes, want: frozenset[str]) -> dict[str, Outcome]:
         if job == "W23":
             return self.concurrent(sizes.requests, sizes.tasks, want)
+        if job == "M":
+            try:
+                return self.memory(sizes.scopes)
+            except NotApplicable as exc:
+                return {"M": ("na", str(exc))}
         measure: Callable[[], float] = {
             "W0": lambda: self.hop(sizes.hop_calls),
             "W1": lambda: self.point(sizes.point_calls),
@@ -591,6 +643,33 @@ class AsyncVariant(Variant):
             count_items(await self.all(sess, readback_statement(batches)), rows)
         return time.perf_counter() - start
 
+    def memory(self, scopes: int) -> dict[str, Outcome]:
+        before = set(threading.enumerate())
+        rss_before = current_rss_mib()
+        rps, peak_rss, peak_threads = self._run(self._memory, scopes)
+        if self.sync_engine is not None:
+            self.sync_engine.dispose()
+        deadline = time.monotonic() + 2.0  # let exiting workers finish exiting
+        while (left := len(set(threading.enumerate()) - before)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return {
+            "M.rps": ("value", rps),
+            "M.rss_before": ("value", rss_before),
+            "M.rss_peak": ("value", max(peak_rss, rss_before)),
+            "M.threads": ("value", peak_threads),
+            "M.left": ("value", left),
+        }
+
+    async def _memory(self, scopes: int) -> tuple[float, float, int]:
+        probe = LoopProbe()
+        async with anyio.create_task_group() as outer:
+            outer.start_soon(probe.run)
+            start = time.perf_counter()
+            await self._clients(0, scopes, scopes)  # every scope opened at once
+            elapsed = time.perf_counter() - start
+            probe.stopped = True
+        return scopes / elapsed, probe.peak_rss_mib, probe.peak_threads
+
 
 class SyncSessionByHand(AsyncVariant):
     """A sync ``Session`` with every IO call wrapped by hand in a to-thread function."""
@@ -674,6 +753,9 @@ class AsyncSessionVariant(AsyncVariant):
     def session(self) -> contextlib.AbstractAsyncContextManager[Any]:
         return self.maker()
 
+    def hop(self, calls: int) -> float:
+        raise NotApplicable("no thread hop: run_sync is a greenlet switch")
+
     async def call_noop(self, sess: Any) -> None:
         await sess.run_sync(noop)
 
@@ -724,15 +806,109 @@ class Threadpool(AsyncVariant):
         await sess.commit()
 
 
+class DedicatedThread(AsyncVariant):
+    """W0 reference only: one minimal dedicated worker thread (a queue in, a loop wake-up out).
+
+    Issue 5's anchor for what a hop can cost: no limiter, no cancellation, no session. Not a
+    usable way to run a session; every other workload is ``n/a``.
+    """
+
+    async def prepare(self) -> None:
+        self.jobs: queue.SimpleQueue[tuple[Callable[[], Any], anyio.Event, list[Any]] | None]
+        self.jobs = queue.SimpleQueue()
+        if self.backend == "asyncio":
+            self.wake: Callable[[Callable[[], Any]], Any] = (
+                asyncio.get_running_loop().call_soon_threadsafe
+            )
+        else:
+            import trio
+
+            self.wake = trio.lowlevel.current_trio_token().run_sync_soon
+        self.thread = threading.Thread(target=self._serve, name="bench-dedicated", daemon=True)
+        self.thread.start()
+
+    async def release(self) -> None:
+        self.jobs.put(None)
+        self.thread.join()
+
+    def _serve(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            fn, done, box = job
+            box.append(fn())
+            self.wake(done.set)
+
+    @contextlib.asynccontextmanager
+    async def session(self) -> AsyncIterator[None]:
+        yield None
+
+    async def call_noop(self, sess: None) -> None:
+        done, box = anyio.Event(), []
+        self.jobs.put((noop, done, box))
+        await done.wait()
+
+    def point(self, calls: int) -> float:
+        raise NotApplicable("W0 reference only")
+
+    def unit_of_work(self, rows: int) -> float:
+        raise NotApplicable("W0 reference only")
+
+    def concurrent(self, requests: int, tasks: int, want: frozenset[str]) -> dict[str, Outcome]:
+        return {w: ("na", "W0 reference only") for w in want}
+
+    def memory(self, scopes: int) -> dict[str, Outcome]:
+        raise NotApplicable("W0 reference only")
+
+    async def get(self, sess: Any, entity: type[Any], ident: int) -> Any:
+        raise NotImplementedError
+
+    async def all(self, sess: Any, statement: Any) -> Sequence[Any]:
+        raise NotImplementedError
+
+    async def commit(self, sess: Any) -> None:
+        raise NotImplementedError
+
+
 @dataclass(frozen=True)
 class VariantInfo:
     factory: Callable[[WorkerSpec], Variant]
     summary: str
 
 
+def offload_option() -> tuple[list[str], str | None]:
+    """The values ``threadpool_sessionmaker(..., offload=...)`` accepts, and its default.
+
+    ``([], None)`` when the installed library has no such option (before the fast path).
+    Detected with :func:`inspect.signature`, then each candidate is tried on a throwaway
+    engine (no connection is made), so a typo'd or renamed value does not become a variant.
+    """
+    try:
+        from sqlalchemy_threadpool import threadpool_sessionmaker
+    except ImportError:
+        return [], None
+    param = inspect.signature(threadpool_sessionmaker).parameters.get("offload")
+    if param is None:
+        return [], None
+    default = param.default if isinstance(param.default, str) else None
+    engine = create_engine("sqlite:///" + os.path.join(tempfile.gettempdir(), "satp-probe.db"))
+    accepted = []
+    try:
+        for mode in OFFLOAD_CANDIDATES:
+            try:
+                threadpool_sessionmaker(engine, offload=mode)
+            except Exception:
+                continue
+            accepted.append(mode)
+    finally:
+        engine.dispose()
+    return accepted, default
+
+
+OFFLOAD_CANDIDATES = ("worker", "anyio")
+OFFLOAD_MODES, OFFLOAD_DEFAULT = offload_option()
+
 #: Every variant, in table order. To benchmark another option of ours, add a line such as
-#: ``"threadpool_anyio": VariantInfo(functools.partial(Threadpool, maker_kw={"offload":
-#: "anyio"}), "...")``: the harness, tables and ratios pick it up.
+#: ``"threadpool_x": VariantInfo(functools.partial(Threadpool, maker_kw={...}), "...")``:
+#: the harness, tables and ratios pick it up.
 VARIANTS: dict[str, VariantInfo] = {
     "raw_sync": VariantInfo(
         RawSync,
@@ -744,20 +920,34 @@ VARIANTS: dict[str, VariantInfo] = {
     ),
     "asyncio_to_thread": VariantInfo(
         AsyncioToThread,
-        "sync Session, each call in asyncio.to_thread (40-thread default executor)",
+        "sync Session, each call in asyncio.to_thread (40-thread default executor); asyncio only",
     ),
     "asyncsession": VariantInfo(
-        AsyncSessionVariant, "AsyncSession on asyncpg / aiomysql / aiosqlite"
+        AsyncSessionVariant,
+        "AsyncSession on asyncpg / aiomysql / aiosqlite; asyncio only",
+    ),
+    "dedicated_thread": VariantInfo(
+        DedicatedThread, "W0 reference: one bare worker thread, queue in, loop wake-up out"
     ),
     "threadpool": VariantInfo(
         functools.partial(Threadpool, maker_kw={}),
-        "sqlalchemy_threadpool, defaults (guard='raise')",
-    ),
-    "threadpool_guard_off": VariantInfo(
-        functools.partial(Threadpool, maker_kw={"guard": "off"}),
-        "sqlalchemy_threadpool, guard='off'",
+        "sqlalchemy_threadpool, defaults (guard='raise'"
+        + (f", offload={OFFLOAD_DEFAULT!r})" if OFFLOAD_MODES else ")"),
     ),
 }
+for _mode in OFFLOAD_MODES:
+    if _mode != OFFLOAD_DEFAULT:
+        VARIANTS[f"threadpool_{_mode}"] = VariantInfo(
+            functools.partial(Threadpool, maker_kw={"offload": _mode}),
+            f"sqlalchemy_threadpool, offload={_mode!r}",
+        )
+VARIANTS["threadpool_guard_off"] = VariantInfo(
+    functools.partial(Threadpool, maker_kw={"guard": "off"}),
+    "sqlalchemy_threadpool, defaults but guard='off'",
+)
+
+#: Our variants: the ones the targets are checked for.
+OURS = [name for name in VARIANTS if name.startswith("threadpool") and "guard" not in name]
 
 #: Extra ratios printed under a workload's table: (label, numerator, denominator).
 PAIRED_RATIOS = [("guard on / off", "threadpool", "threadpool_guard_off")]
@@ -859,6 +1049,9 @@ class Section:
     threads: dict[str, int] = field(default_factory=dict)
     unavailable: dict[str, str] = field(default_factory=dict)
     idle_lag_ms: float = math.nan
+    #: G: scenario label -> per-round (wall, CPU) ratios guard="raise" / guard="off".
+    guard: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
+    guard_note: str | None = None
 
     def cell(self, workload: str, variant: str) -> Cell:
         return self.cells.setdefault((workload, variant), Cell())
@@ -868,6 +1061,8 @@ def jobs_for(workloads: Sequence[str]) -> list[tuple[str, frozenset[str]]]:
     """Workloads to jobs: W2 and W3 come from one run (the ticker runs during W2)."""
     jobs: list[tuple[str, frozenset[str]]] = []
     for w in workloads:
+        if w == "G":
+            continue  # measured by guard_cost.py in the parent, after the matrix
         if w in ("W2", "W3"):
             want = frozenset(x for x in ("W2", "W3") if x in workloads)
             if ("W23", want) not in jobs:
@@ -908,6 +1103,8 @@ def run_section(
             shift = repeat % len(variants)
             order = [*variants[shift:], *variants[:shift]]
             for job, want in jobs_for(workloads):
+                if job == "M" and repeat > 0:
+                    continue  # once per section: it is about memory and threads, not speed
                 line = []
                 for name in order:
                     if workers[name].unavailable is not None:
@@ -925,7 +1122,29 @@ def run_section(
     finally:
         for worker in workers.values():
             worker.stop()
+    if "G" in workloads:
+        run_guard_cost(section, fixture, backend, sizes)
     return section
+
+
+def run_guard_cost(section: Section, fixture: Fixture, backend: str, sizes: Sizes) -> None:
+    """G: bench/guard_cost.py's interleaved raise/off comparison, on this database and loop."""
+    import guard_cost  # bench/ is sys.path[0] when this file runs as a script
+
+    if fixture.user_ids[:1] != (1,):
+        section.guard_note = "n/a: guard_cost reads user id 1, which the seed did not create"
+        return
+    try:
+        section.guard = guard_cost.measure(
+            fixture.url, backend, sizes.guard_calls, sizes.guard_rounds
+        )
+    except Exception as exc:
+        section.guard_note = f"error: {type(exc).__name__}: {exc}"
+    for label, ratios in section.guard.items():
+        walls = ", ".join(f"{wall:.3f}" for wall, _ in ratios)
+        log(f"[{fixture.database}/{backend}] G {label}: raise/off wall {walls}")
+    if section.guard_note:
+        log(f"[{fixture.database}/{backend}] G {section.guard_note}")
 
 
 def record(
@@ -994,15 +1213,166 @@ def render(headers: Sequence[str], rows: Sequence[Sequence[str]], markdown: bool
     return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class Target:
+    """One of issue 5's targets, checked per section for each of our variants."""
+
+    label: str
+    workload: str
+    #: Variant for a paired ratio (ours / against), or None: the median itself is bounded.
+    against: str | None
+    op: str  # "<=", "<" or ">="
+    bound: float
+
+    def check(self, s: Section, ours: str) -> tuple[float, str] | None:
+        values = s.cells.get((self.workload, ours))
+        if values is None:
+            return None
+        if self.against is None:
+            value = median(values.values)
+        else:
+            other = s.cells.get((self.workload, self.against))
+            value = paired_ratio(values.values, other.values) if other else None
+        if value is None:
+            return None
+        met = {"<=": value <= self.bound, "<": value < self.bound, ">=": value >= self.bound}
+        return value, ("met" if met[self.op] else "NOT met")
+
+
+TARGETS = [
+    Target("W0 hop <= 0.5x anyio.to_thread", "W0", "anyio_to_thread", "<=", 0.5),
+    Target("W1 <= 1.10x raw sync", "W1", "raw_sync", "<=", 1.10),
+    Target("W1 below AsyncSession", "W1", "asyncsession", "<", 1.0),
+    Target("W2 >= AsyncSession", "W2", "asyncsession", ">=", 1.0),
+    Target("W2 >= 0.95x raw TPE(10)", "W2", "raw_sync", ">=", 0.95),
+    Target("W3 p99 <= 3 ms", "W3", None, "<=", 3.0),
+    Target("W3 p99 below AsyncSession", "W3", "asyncsession", "<", 1.0),
+    Target("W4 <= 1.05x raw sync", "W4", "raw_sync", "<=", 1.05),
+]
+GUARD_BOUND = 1.03
+
+
+def targets_table(sections: Sequence[Section], variants: Sequence[str], markdown: bool) -> str:
+    """Rows: target x our variant; columns: database/loop; cells: the ratio (or ms), met?"""
+    headers = ["target", "variant", *(f"{s.database}/{s.backend}" for s in sections)]
+    rows = []
+    for target in TARGETS:
+        for ours in (v for v in OURS if v in variants):
+            row = [target.label, ours]
+            for s in sections:
+                checked = target.check(s, ours)
+                if checked is None:
+                    row.append("-")
+                    continue
+                value, verdict = checked
+                shown = f"{value:.2f} ms" if target.against is None else f"{value:.2f}x"
+                row.append(f"{shown} {verdict}")
+            if any(c != "-" for c in row[2:]):
+                rows.append(row)
+    for label in guard_cost_labels(sections):
+        row = [f"G guard raise/off <= {GUARD_BOUND}x: {label}", "threadpool"]
+        for s in sections:
+            ratios = s.guard.get(label)
+            if not ratios:
+                row.append("-")
+                continue
+            wall = statistics.median(r[0] for r in ratios)
+            row.append(f"{wall:.3f}x {'met' if wall <= GUARD_BOUND else 'NOT met'}")
+        rows.append(row)
+    return render(headers, rows, markdown)
+
+
+def guard_cost_labels(sections: Sequence[Section]) -> list[str]:
+    return list(dict.fromkeys(label for s in sections for label in s.guard))
+
+
+def guard_report(s: Section, markdown: bool) -> str:
+    if not s.guard:
+        return f"G: guard on vs off: {s.guard_note or 'not measured'}"
+    rows = []
+    for label, ratios in s.guard.items():
+        wall, cpu = [r[0] for r in ratios], [r[1] for r in ratios]
+        rows.append(
+            [
+                label,
+                f"{statistics.median(wall):.3f}x",
+                f"{min(wall):.3f}-{max(wall):.3f}",
+                f"{statistics.median(cpu):.3f}x",
+                f"{min(cpu):.3f}-{max(cpu):.3f}",
+                str(len(ratios)),
+            ]
+        )
+    headers = ["scenario", "wall raise/off", "range", "CPU raise/off", "range", "rounds"]
+    return (
+        "G: guard on vs off, bench/guard_cost.py: calls of both modes interleaved in chunks "
+        "(target <= 1.03x)\n\n" + render(headers, rows, markdown)
+    )
+
+
+def memory_report(s: Section, variants: Sequence[str], markdown: bool) -> str:
+    keys = ["M.rps", "M.rss_before", "M.rss_peak", "M.threads", "M.left"]
+    rows = []
+    for v in variants:
+        if (v in s.unavailable) or ("M", v) in s.cells:
+            continue  # no such variant here, or n/a for M
+        values = [median(s.cells[(k, v)].values) if (k, v) in s.cells else None for k in keys]
+        if all(x is None for x in values):
+            continue
+        rps, before, peak, threads, left = values
+        rows.append(
+            [
+                v,
+                fmt(rps),
+                fmt(before),
+                fmt(peak),
+                f"{(peak or 0) - (before or 0):+.0f}",
+                fmt(threads),
+                fmt(left),
+            ]
+        )
+    headers = [
+        "variant",
+        "req/s",
+        "RSS before MiB",
+        "RSS peak MiB",
+        "growth",
+        "peak threads",
+        "threads left after dispose",
+    ]
+    return (
+        "M: every scope opened at once (one W2 request each) against pool 10; threads counted "
+        "in the whole process (main thread included), once per section\n\n"
+        + render(headers, rows, markdown)
+    )
+
+
 def report(
     sections: Sequence[Section], variants: Sequence[str], workloads: Sequence[str], markdown: bool
 ) -> str:
     out: list[str] = []
     heading = "### " if markdown else "== "
+    if sections and any(w in workloads for w in ("W0", "W1", "W2", "W3", "W4", "G")):
+        out.append(f"{heading}targets (issue 5), our variants, every database and loop")
+        out.append("")
+        out.append(
+            "ratios are medians of per-repeat paired ratios (ours / other, same repeat); "
+            "AsyncSession rows exist on asyncio only"
+        )
+        out.append("")
+        out.append(targets_table(sections, variants, markdown))
+        out.append("")
     for s in sections:
         out.append(f"{heading}{s.database} · {s.backend}")
         out.append("")
         for w in workloads:
+            if w == "G":
+                out.append(guard_report(s, markdown))
+                out.append("")
+                continue
+            if w == "M":
+                out.append(memory_report(s, variants, markdown))
+                out.append("")
+                continue
             info = WORKLOAD_INFO[w]
             better = "higher" if info.higher_is_better else "lower"
             out.append(f"{w}: {info.title} ({info.unit}, {better} is better)")
@@ -1029,7 +1399,13 @@ def report(
                         str(len(present)),
                     ]
                 )
-            headers = ["variant", f"median {info.unit}", "spread", f"vs {info.baseline}", "n"]
+            headers = [
+                "variant",
+                f"median {info.unit}",
+                "spread (±half range)",
+                f"vs {info.baseline}",
+                "n",
+            ]
             out.append(render(headers, rows, markdown))
             for label, num, den in PAIRED_RATIOS:
                 ratio = paired_ratio(s.cell(w, num).values, s.cell(w, den).values)
@@ -1051,6 +1427,51 @@ def report(
             out.append(render(["variant", "peak RSS MiB", "threads (W2)"], rows, markdown))
             out.append("")
     return "\n".join(out)
+
+
+def preamble(argv: Sequence[str] | None, sizes: Sizes, variants: Sequence[str]) -> str:
+    """What was run, where, on what: the first lines of every report."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def ver(dist: str) -> str:
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            return "absent"
+
+    dists = ["sqlalchemy", "anyio", "trio", "greenlet", "psycopg2-binary", "pymysql"]
+    dists += ["asyncpg", "aiomysql", "aiosqlite"]
+    try:
+        import subprocess
+
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=os.path.dirname(os.path.abspath(__file__)),
+            check=False,
+        ).stdout.strip()
+    except OSError:
+        commit = "?"
+    command = " ".join(["python bench/bench.py", *(sys.argv[1:] if argv is None else argv)])
+    offload = (
+        f"offload option: {', '.join(OFFLOAD_MODES)} (default {OFFLOAD_DEFAULT!r})"
+        if OFFLOAD_MODES
+        else "offload option: absent (one offload path)"
+    )
+    return "\n".join(
+        [
+            f"command: {command}",
+            f"date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; git {commit or '?'}",
+            f"machine: {os.cpu_count()} CPUs, load average at start "
+            + " ".join(f"{x:.1f}" for x in os.getloadavg())
+            + f"; python {sys.version.split()[0]}",
+            "versions: " + ", ".join(f"{d} {ver(d)}" for d in dists),
+            f"{offload}; variants: {', '.join(variants)}",
+            f"sizes: {sizes}",
+            "",
+        ]
+    )
 
 
 # -- CLI -----------------------------------------------------------------------------------
@@ -1082,13 +1503,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="smaller measurements and 3 repeats: the default matrix in < 5 min",
+        help="smaller measurements and 3 repeats: the whole matrix in < 5 min on 2 cores",
     )
     parser.add_argument("--repeats", type=int, help="repeats per measurement (default 7; quick 3)")
     parser.add_argument("--tasks", type=int, help="W2/W3 concurrent tasks (default 32)")
     parser.add_argument("--requests", type=int, help="W2/W3 requests per measurement")
     parser.add_argument("--hop-calls", type=int, help="W0 calls per measurement")
     parser.add_argument("--point-calls", type=int, help="W1 calls per measurement")
+    parser.add_argument("--rows", type=int, help="W4 rows per measurement (default 5,000)")
+    parser.add_argument("--guard-calls", type=int, help="G calls per mode per round")
+    parser.add_argument("--guard-rounds", type=int, help="G rounds")
+    parser.add_argument("--scopes", type=int, help="M concurrent scopes (default 1,000)")
     parser.add_argument(
         "--timeout",
         type=float,
@@ -1109,6 +1534,10 @@ def sizes_from(args: argparse.Namespace) -> Sizes:
         "requests": args.requests,
         "hop_calls": args.hop_calls,
         "point_calls": args.point_calls,
+        "rows": args.rows,
+        "guard_calls": args.guard_calls,
+        "guard_rounds": args.guard_rounds,
+        "scopes": args.scopes,
     }
     values = {**asdict(sizes), **{k: v for k, v in overrides.items() if v is not None}}
     return Sizes(**values)
@@ -1124,6 +1553,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     workloads = [w for w in WORKLOADS if w in args.workloads]
     variants = [v for v in VARIANTS if v in args.variants]
     log(f"sizes: {sizes}")
+    print(preamble(argv, sizes, variants))
     started = time.perf_counter()
     sections: list[Section] = []
     sqlite_dir = tempfile.mkdtemp(prefix="satp-bench-")

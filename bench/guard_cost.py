@@ -1,11 +1,13 @@
 """What the event-loop guard costs on the hot path: ``guard="raise"`` against ``guard="off"``.
 
 Times ``N`` calls of ``await sess.run(lambda s: s.execute(select(User).where(User.id == 1))
-.scalar_one())`` on a SQLite file for each mode, interleaved in chunks of ``CHUNK`` calls (the
-order alternates every chunk), repeated; reports the median of the per-round ratios raise/off,
-on asyncio and trio.
-A second scenario opens a short session per call (begin, one query, commit, close), which adds
-the guard's once-per-transaction bookkeeping.
+.scalar_one())`` for each mode, interleaved in chunks of ``CHUNK`` calls (the order alternates
+every chunk), repeated; reports the median of the per-round ratios raise/off, on asyncio and
+trio. A second scenario opens a short session per call (begin, one query, commit, close), which
+adds the guard's once-per-transaction bookkeeping.
+
+``bench/bench.py`` runs this (workload ``G``) on every database it benchmarks; run alone, it
+uses a temporary SQLite file:
 
     python bench/guard_cost.py [--n 5000] [--rounds 15]
 """
@@ -100,6 +102,7 @@ Scenario = Callable[[dict[GuardMode, threadpool_sessionmaker], int], Awaitable[T
 
 
 async def _ratios(url: str, scenario: Scenario, n: int, rounds: int) -> list[tuple[float, float]]:
+    """Per round: (wall-clock raise/off, CPU raise/off)."""
     # One engine per mode: the guard's engine-level listeners must not slow the "off" side.
     engines = {mode: create_engine(url) for mode in MODES}
     makers = {mode: threadpool_sessionmaker(engines[mode], guard=mode) for mode in MODES}
@@ -113,6 +116,33 @@ async def _ratios(url: str, scenario: Scenario, n: int, rounds: int) -> list[tup
     return ratios
 
 
+SCENARIOS: dict[str, Scenario] = {
+    "run() x N, one session": _one_session,
+    "a session per call": _session_per_call,
+}
+
+
+def measure(url: str, backend: str, n: int, rounds: int) -> dict[str, list[tuple[float, float]]]:
+    """Every scenario on one loop: scenario label -> per-round (wall, CPU) ratios raise/off.
+
+    ``url`` must hold a ``bench_user`` table (``id``, ``name``) with a row ``id = 1``.
+    """
+    return {
+        label: anyio.run(_ratios, url, scenario, n, rounds, backend=backend)
+        for label, scenario in SCENARIOS.items()
+    }
+
+
+def seed(url: str) -> None:
+    """Create ``bench_user`` with the row the scenarios read (a fresh database)."""
+    engine = create_engine(url)
+    Base.metadata.create_all(engine)
+    with Session(engine) as session:
+        session.add(User(id=1, name="ada"))
+        session.commit()
+    engine.dispose()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=5000, help="calls per timing")
@@ -120,19 +150,9 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         url = f"sqlite:///{Path(tmp) / 'bench.db'}"
-        engine = create_engine(url)
-        Base.metadata.create_all(engine)
-        with Session(engine) as session:
-            session.add(User(id=1, name="ada"))
-            session.commit()
-        engine.dispose()
-        scenarios: dict[str, Scenario] = {
-            "run() x N, one session": _one_session,
-            "a session per call": _session_per_call,
-        }
+        seed(url)
         for backend in ("asyncio", "trio"):
-            for label, scenario in scenarios.items():
-                ratios = anyio.run(_ratios, url, scenario, args.n, args.rounds, backend=backend)
+            for label, ratios in measure(url, backend, args.n, args.rounds).items():
                 wall, cpu = ([ratio[i] for ratio in ratios] for i in (0, 1))
                 print(
                     f"{backend:8} {label:23} raise/off median: wall {statistics.median(wall):.3f}x"
