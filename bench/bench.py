@@ -119,14 +119,15 @@ FULL = Sizes(
     guard_rounds=5,
 )
 QUICK = Sizes(
-    hop_calls=1_000,
-    point_calls=300,
-    requests=192,
+    hop_calls=600,
+    point_calls=200,
+    requests=128,
     tasks=32,
-    rows=2_000,
+    rows=1_000,
     repeats=3,
-    guard_calls=1_000,
+    guard_calls=500,
     guard_rounds=3,
+    scopes=500,
 )
 
 
@@ -155,7 +156,7 @@ WORKLOAD_INFO = {
         "event-loop lag p99 while W2 runs (1 ms ticker overshoot)", "ms", False, "anyio_to_thread"
     ),
     "W4": WorkloadInfo(
-        "unit of work: insert 5,000 rows (--quick: 2,000), read back with selectinload",
+        "unit of work: insert 5,000 rows (--quick: 1,000), read back with selectinload",
         "s",
         False,
         "raw_sync",
@@ -355,6 +356,22 @@ def current_rss_mib() -> float:
     return 0.0
 
 
+#: (wall-clock, process CPU) per unit: CPU time counts every thread of the process, and is
+#: far less disturbed than wall-clock time by other processes on a shared machine.
+Timing = tuple[float, float]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.wall = time.perf_counter()
+        self.cpu = time.process_time()
+
+    def per(self, n: int, scale: float) -> Timing:
+        wall = time.perf_counter() - self.wall
+        cpu = time.process_time() - self.cpu
+        return wall / n * scale, cpu / n * scale
+
+
 def peak_rss_kb() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
 
@@ -395,11 +412,11 @@ class Variant(abc.ABC):
         self.sync_engine: Engine | None = None
 
     @abc.abstractmethod
-    def hop(self, calls: int) -> float:
+    def hop(self, calls: int) -> Timing:
         """W0: µs per no-op call through the variant's way to a thread."""
 
     @abc.abstractmethod
-    def point(self, calls: int) -> float:
+    def point(self, calls: int) -> Timing:
         """W1: µs per ``get(User, id)``, each id new to the session."""
 
     @abc.abstractmethod
@@ -407,7 +424,7 @@ class Variant(abc.ABC):
         """W2 (req/s) and W3 (p99 loop lag, ms), and peak threads, from concurrent requests."""
 
     @abc.abstractmethod
-    def unit_of_work(self, rows: int) -> float:
+    def unit_of_work(self, rows: int) -> Timing:
         """W4: seconds to insert ``rows`` rows and read them back with selectinload."""
 
     def memory(self, scopes: int) -> dict[str, Outcome]:
@@ -427,15 +444,16 @@ class Variant(abc.ABC):
                 return self.memory(sizes.scopes)
             except NotApplicable as exc:
                 return {"M": ("na", str(exc))}
-        measure: Callable[[], float] = {
+        measure: Callable[[], Timing] = {
             "W0": lambda: self.hop(sizes.hop_calls),
             "W1": lambda: self.point(sizes.point_calls),
             "W4": lambda: self.unit_of_work(sizes.rows),
         }[job]
         try:
-            return {job: ("value", measure())}
+            wall, cpu = measure()
         except NotApplicable as exc:
             return {job: ("na", str(exc))}
+        return {job: ("value", wall), f"{job}.cpu": ("value", cpu)}
 
     def point_ids(self, calls: int) -> tuple[list[int], list[int]]:
         """(warm-up ids, timed ids): all distinct, so every get() misses the identity map."""
@@ -453,18 +471,18 @@ class RawSync(Variant):
         self.engine = self.sync_engine = make_sync_engine(spec.url)
         self.maker = sessionmaker(self.engine, expire_on_commit=False)
 
-    def hop(self, calls: int) -> float:
+    def hop(self, calls: int) -> Timing:
         raise NotApplicable("no hop: calls run on the caller's thread")
 
-    def point(self, calls: int) -> float:
+    def point(self, calls: int) -> Timing:
         warm_ids, ids = self.point_ids(calls)
         with self.maker() as sess:
             for uid in warm_ids:
                 sess.get(User, uid)
-            start = time.perf_counter()
+            clock = Clock()
             for uid in ids:
                 sess.get(User, uid)
-            return (time.perf_counter() - start) / len(ids) * 1e6
+            return clock.per(len(ids), 1e6)
 
     def request(self, i: int) -> None:
         uid = self.user_ids[i % len(self.user_ids)]
@@ -508,15 +526,15 @@ class RawSync(Variant):
             probe.stopped = True
         return probe.p99_ms()
 
-    def unit_of_work(self, rows: int) -> float:
-        start = time.perf_counter()
+    def unit_of_work(self, rows: int) -> Timing:
+        clock = Clock()
         with self.maker() as sess:
             batches = new_batches(rows)
             sess.add_all(batches)
             sess.commit()
         with self.maker() as sess:
             count_items(sess.scalars(readback_statement(batches)).all(), rows)
-        return time.perf_counter() - start
+        return clock.per(1, 1.0)
 
 
 class AsyncVariant(Variant):
@@ -564,29 +582,29 @@ class AsyncVariant(Variant):
 
         return anyio.run(measured, backend=self.backend)
 
-    def hop(self, calls: int) -> float:
-        return float(self._run(self._hop, calls))
+    def hop(self, calls: int) -> Timing:
+        return self._run(self._hop, calls)  # type: ignore[no-any-return]
 
-    async def _hop(self, calls: int) -> float:
+    async def _hop(self, calls: int) -> Timing:
         async with self.session() as sess:
             for _ in range(max(50, calls // 10)):
                 await self.call_noop(sess)
-            start = time.perf_counter()
+            clock = Clock()
             for _ in range(calls):
                 await self.call_noop(sess)
-            return (time.perf_counter() - start) / calls * 1e6
+            return clock.per(calls, 1e6)
 
-    def point(self, calls: int) -> float:
-        return float(self._run(self._point, *self.point_ids(calls)))
+    def point(self, calls: int) -> Timing:
+        return self._run(self._point, *self.point_ids(calls))  # type: ignore[no-any-return]
 
-    async def _point(self, warm_ids: list[int], ids: list[int]) -> float:
+    async def _point(self, warm_ids: list[int], ids: list[int]) -> Timing:
         async with self.session() as sess:
             for uid in warm_ids:
                 await self.get(sess, User, uid)
-            start = time.perf_counter()
+            clock = Clock()
             for uid in ids:
                 await self.get(sess, User, uid)
-            return (time.perf_counter() - start) / len(ids) * 1e6
+            return clock.per(len(ids), 1e6)
 
     async def request(self, i: int) -> None:
         uid = self.user_ids[i % len(self.user_ids)]
@@ -628,20 +646,20 @@ class AsyncVariant(Variant):
             probe.stopped = True
         return requests / elapsed, probe.p99_ms(), probe.peak_threads
 
-    def unit_of_work(self, rows: int) -> float:
-        return float(self._run(self._unit_of_work, rows))
+    def unit_of_work(self, rows: int) -> Timing:
+        return self._run(self._unit_of_work, rows)  # type: ignore[no-any-return]
 
-    async def _unit_of_work(self, rows: int) -> float:
+    async def _unit_of_work(self, rows: int) -> Timing:
         async with self.session() as sess:  # warm-up, not timed
             await self.all(sess, select(Batch).where(Batch.id < 0))
-        start = time.perf_counter()
+        clock = Clock()
         async with self.session() as sess:
             batches = new_batches(rows)
             sess.add_all(batches)
             await self.commit(sess)
         async with self.session() as sess:
             count_items(await self.all(sess, readback_statement(batches)), rows)
-        return time.perf_counter() - start
+        return clock.per(1, 1.0)
 
     def memory(self, scopes: int) -> dict[str, Outcome]:
         before = set(threading.enumerate())
@@ -753,7 +771,7 @@ class AsyncSessionVariant(AsyncVariant):
     def session(self) -> contextlib.AbstractAsyncContextManager[Any]:
         return self.maker()
 
-    def hop(self, calls: int) -> float:
+    def hop(self, calls: int) -> Timing:
         raise NotApplicable("no thread hop: run_sync is a greenlet switch")
 
     async def call_noop(self, sess: Any) -> None:
@@ -791,7 +809,7 @@ class Threadpool(AsyncVariant):
         self.maker = self.lib.threadpool_sessionmaker(self.engine, **self.maker_kw)
 
     def session(self) -> contextlib.AbstractAsyncContextManager[Any]:
-        return self.maker()  # type: ignore[no-any-return]
+        return self.maker()
 
     async def call_noop(self, sess: Any) -> None:
         await sess.run(noop)
@@ -842,14 +860,14 @@ class DedicatedThread(AsyncVariant):
         yield None
 
     async def call_noop(self, sess: None) -> None:
-        done, box = anyio.Event(), []
+        done, box = anyio.Event(), list[Any]()
         self.jobs.put((noop, done, box))
         await done.wait()
 
-    def point(self, calls: int) -> float:
+    def point(self, calls: int) -> Timing:
         raise NotApplicable("W0 reference only")
 
-    def unit_of_work(self, rows: int) -> float:
+    def unit_of_work(self, rows: int) -> Timing:
         raise NotApplicable("W0 reference only")
 
     def concurrent(self, requests: int, tasks: int, want: frozenset[str]) -> dict[str, Outcome]:
@@ -1072,8 +1090,11 @@ def jobs_for(workloads: Sequence[str]) -> list[tuple[str, frozenset[str]]]:
     return jobs
 
 
+STARTED = time.monotonic()
+
+
 def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    print(f"{time.monotonic() - STARTED:6.1f}s {message}", file=sys.stderr, flush=True)
 
 
 def run_section(
@@ -1170,7 +1191,8 @@ def record(
         cell = section.cell(key, variant)
         if kind == "value":
             cell.values.append(float(value))
-            notes.append(f"{value:.4g}")
+            if "." not in key:
+                notes.append(f"{value:.4g}")
         else:
             cell.values.append(None)
             cell.note = f"n/a: {value}"
@@ -1277,7 +1299,9 @@ def targets_table(sections: Sequence[Section], variants: Sequence[str], markdown
                 row.append("-")
                 continue
             wall = statistics.median(r[0] for r in ratios)
-            row.append(f"{wall:.3f}x {'met' if wall <= GUARD_BOUND else 'NOT met'}")
+            cpu = statistics.median(r[1] for r in ratios)
+            verdict = "met" if cpu <= GUARD_BOUND else "NOT met"
+            row.append(f"CPU {cpu:.3f}x {verdict} (wall {wall:.2f}x)")
         rows.append(row)
     return render(headers, rows, markdown)
 
@@ -1287,6 +1311,8 @@ def guard_cost_labels(sections: Sequence[Section]) -> list[str]:
 
 
 def guard_report(s: Section, markdown: bool) -> str:
+    import guard_cost
+
     if not s.guard:
         return f"G: guard on vs off: {s.guard_note or 'not measured'}"
     rows = []
@@ -1302,10 +1328,11 @@ def guard_report(s: Section, markdown: bool) -> str:
                 str(len(ratios)),
             ]
         )
-    headers = ["scenario", "wall raise/off", "range", "CPU raise/off", "range", "rounds"]
+    headers = ["scenario", "wall raise/off", "range", "CPU raise/off", "range", "chunk pairs"]
     return (
-        "G: guard on vs off, bench/guard_cost.py: calls of both modes interleaved in chunks "
-        "(target <= 1.03x)\n\n" + render(headers, rows, markdown)
+        f"G: guard on vs off, bench/guard_cost.py: calls of both modes interleaved in chunks of "
+        f"{guard_cost.CHUNK}, median over adjacent chunk pairs (target <= 1.03x)\n\n"
+        + render(headers, rows, markdown)
     )
 
 
@@ -1384,21 +1411,29 @@ def report(
                 note = s.unavailable.get(v) or (cell.note if cell else None)
                 values = cell.values if cell else []
                 present = [x for x in values if x is not None]
+                has_cpu = w in ("W0", "W1", "W4")
                 if not present:
-                    rows.append([v, note or "-", "", "", ""])
+                    rows.append([v, note or "-", "", "", ""] + ["", ""] * has_cpu)
                     continue
                 mid = median(values)
                 spread = (max(present) - min(present)) / mid * 100 if mid else math.nan
                 ratio = paired_ratio(values, base)
-                rows.append(
-                    [
-                        v,
-                        fmt(mid),
-                        f"±{spread / 2:.0f}%",
-                        fmt(ratio, 2) + "x" if ratio is not None else "-",
-                        str(len(present)),
-                    ]
-                )
+                row = [
+                    v,
+                    fmt(mid),
+                    f"±{spread / 2:.0f}%",
+                    fmt(ratio, 2) + "x" if ratio is not None else "-",
+                    str(len(present)),
+                ]
+                if has_cpu:
+                    cpu = s.cells.get((f"{w}.cpu", v))
+                    cpu_base = s.cells.get((f"{w}.cpu", info.baseline))
+                    cpu_ratio = (
+                        paired_ratio(cpu.values, cpu_base.values) if cpu and cpu_base else None
+                    )
+                    row.append(fmt(median(cpu.values)) if cpu else "-")
+                    row.append(fmt(cpu_ratio, 2) + "x" if cpu_ratio is not None else "-")
+                rows.append(row)
             headers = [
                 "variant",
                 f"median {info.unit}",
@@ -1406,6 +1441,8 @@ def report(
                 f"vs {info.baseline}",
                 "n",
             ]
+            if w in ("W0", "W1", "W4"):
+                headers += [f"CPU {info.unit}", f"CPU vs {info.baseline}"]
             out.append(render(headers, rows, markdown))
             for label, num, den in PAIRED_RATIOS:
                 ratio = paired_ratio(s.cell(w, num).values, s.cell(w, den).values)

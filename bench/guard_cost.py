@@ -1,10 +1,11 @@
 """What the event-loop guard costs on the hot path: ``guard="raise"`` against ``guard="off"``.
 
 Times ``N`` calls of ``await sess.run(lambda s: s.execute(select(User).where(User.id == 1))
-.scalar_one())`` for each mode, interleaved in chunks of ``CHUNK`` calls (the order alternates
-every chunk), repeated; reports the median of the per-round ratios raise/off, on asyncio and
-trio. A second scenario opens a short session per call (begin, one query, commit, close), which
-adds the guard's once-per-transaction bookkeeping.
+.scalar_one())`` for each mode, interleaved in chunks of ``CHUNK`` calls (raise then off, then
+off then raise, ...), over several rounds; reports the median over all pairs of adjacent chunks
+of the ratio raise/off (wall-clock and process CPU time), on asyncio and trio. A second
+scenario opens a short session per call (begin, one query, commit, close), which adds the
+guard's once-per-transaction bookkeeping.
 
 ``bench/bench.py`` runs this (workload ``G``) on every database it benchmarks; run alone, it
 uses a temporary SQLite file:
@@ -30,10 +31,12 @@ from sqlalchemy_threadpool._guard import GuardMode
 
 MODES: tuple[GuardMode, GuardMode] = ("raise", "off")
 #: Calls timed back to back before switching modes: fine-grained interleaving cancels drift.
-CHUNK = 250
+CHUNK = 100
 
 #: Per mode: (wall-clock seconds, CPU seconds of the whole process, worker threads included).
 Timings = dict[GuardMode, tuple[float, float]]
+#: (wall-clock raise/off, CPU raise/off) of one pair of adjacent chunks.
+Ratio = tuple[float, float]
 
 
 class _Clock:
@@ -47,8 +50,9 @@ class _Clock:
         return time.perf_counter() - self.wall, time.process_time() - self.cpu
 
 
-def _add(total: tuple[float, float], more: tuple[float, float]) -> tuple[float, float]:
-    return total[0] + more[0], total[1] + more[1]
+def _ratio(seconds: Timings) -> Ratio:
+    (wall, cpu), (wall_off, cpu_off) = seconds["raise"], seconds["off"]
+    return wall / wall_off, cpu / cpu_off
 
 
 class Base(DeclarativeBase):
@@ -73,46 +77,52 @@ async def _calls(sess: ThreadpoolSession, n: int) -> tuple[float, float]:
     return clock.elapsed()
 
 
-async def _one_session(makers: dict[GuardMode, threadpool_sessionmaker], n: int) -> Timings:
-    """Both modes' sessions stay open; their calls alternate in chunks."""
-    seconds = dict.fromkeys(MODES, (0.0, 0.0))
+async def _one_session(makers: dict[GuardMode, threadpool_sessionmaker], n: int) -> list[Ratio]:
+    """Both modes' sessions stay open; their calls alternate in chunks, one ratio per pair."""
+    ratios = []
     async with makers["raise"]() as guarded, makers["off"]() as unguarded:
         sessions = {"raise": guarded, "off": unguarded}
         for sess in sessions.values():
             await sess.run(_one)  # warm up: the connection and the compiled statement
-        for chunk in range(n // CHUNK):
-            for mode in MODES if chunk % 2 == 0 else MODES[::-1]:
-                seconds[mode] = _add(seconds[mode], await _calls(sessions[mode], CHUNK))
-    return seconds
+        for pair in range(max(1, n // CHUNK)):
+            seconds = {}
+            for mode in MODES if pair % 2 == 0 else MODES[::-1]:
+                seconds[mode] = await _calls(sessions[mode], CHUNK)
+            ratios.append(_ratio(seconds))
+    return ratios
 
 
-async def _session_per_call(makers: dict[GuardMode, threadpool_sessionmaker], n: int) -> Timings:
-    seconds = dict.fromkeys(MODES, (0.0, 0.0))
-    for chunk in range(n // CHUNK):
-        for mode in MODES if chunk % 2 == 0 else MODES[::-1]:
+async def _session_per_call(
+    makers: dict[GuardMode, threadpool_sessionmaker], n: int
+) -> list[Ratio]:
+    ratios = []
+    for pair in range(max(1, n // CHUNK)):
+        seconds = {}
+        for mode in MODES if pair % 2 == 0 else MODES[::-1]:
             clock = _Clock()
             for _ in range(CHUNK):
                 async with makers[mode].begin() as sess:
                     await sess.run(_one)
-            seconds[mode] = _add(seconds[mode], clock.elapsed())
-    return seconds
+            seconds[mode] = clock.elapsed()
+        ratios.append(_ratio(seconds))
+    return ratios
 
 
-Scenario = Callable[[dict[GuardMode, threadpool_sessionmaker], int], Awaitable[Timings]]
+Scenario = Callable[[dict[GuardMode, threadpool_sessionmaker], int], Awaitable[list[Ratio]]]
 
 
-async def _ratios(url: str, scenario: Scenario, n: int, rounds: int) -> list[tuple[float, float]]:
-    """Per round: (wall-clock raise/off, CPU raise/off)."""
+async def _ratios(url: str, scenario: Scenario, n: int, rounds: int) -> list[Ratio]:
+    """Every pair of adjacent chunks of every round: (wall raise/off, CPU raise/off)."""
     # One engine per mode: the guard's engine-level listeners must not slow the "off" side.
     engines = {mode: create_engine(url) for mode in MODES}
     makers = {mode: threadpool_sessionmaker(engines[mode], guard=mode) for mode in MODES}
     ratios = []
-    for _ in range(rounds):
-        seconds = await scenario(makers, n)
-        (wall, cpu), (wall_off, cpu_off) = seconds["raise"], seconds["off"]
-        ratios.append((wall / wall_off, cpu / cpu_off))
-    for engine in engines.values():
-        engine.dispose()
+    try:
+        for _ in range(rounds):
+            ratios += await scenario(makers, n)
+    finally:
+        for engine in engines.values():
+            engine.dispose()
     return ratios
 
 
@@ -122,8 +132,8 @@ SCENARIOS: dict[str, Scenario] = {
 }
 
 
-def measure(url: str, backend: str, n: int, rounds: int) -> dict[str, list[tuple[float, float]]]:
-    """Every scenario on one loop: scenario label -> per-round (wall, CPU) ratios raise/off.
+def measure(url: str, backend: str, n: int, rounds: int) -> dict[str, list[Ratio]]:
+    """Every scenario on one loop: label -> (wall, CPU) ratios raise/off, one per chunk pair.
 
     ``url`` must hold a ``bench_user`` table (``id``, ``name``) with a row ``id = 1``.
     """
@@ -158,7 +168,7 @@ def main() -> None:
                     f"{backend:8} {label:23} raise/off median: wall {statistics.median(wall):.3f}x"
                     f" (min {min(wall):.3f}, max {max(wall):.3f}), CPU "
                     f"{statistics.median(cpu):.3f}x (min {min(cpu):.3f}, max {max(cpu):.3f}); "
-                    f"{args.rounds} rounds of {args.n} calls"
+                    f"{len(ratios)} chunk pairs of {CHUNK} calls"
                 )
 
 
