@@ -118,6 +118,7 @@ async def _ratios(url: str, scenario: Scenario, n: int, rounds: int) -> list[Rat
     makers = {mode: threadpool_sessionmaker(engines[mode], guard=mode) for mode in MODES}
     ratios = []
     try:
+        await scenario(makers, 2 * CHUNK)  # warm-up round, not counted
         for _ in range(rounds):
             ratios += await scenario(makers, n)
     finally:
