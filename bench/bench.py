@@ -1520,6 +1520,12 @@ def preamble(argv: Sequence[str] | None, sizes: Sizes, variants: Sequence[str]) 
     except OSError:
         commit = "?"
     command = " ".join(["python bench/bench.py", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        import sqlalchemy_threadpool
+
+        library = os.path.dirname(sqlalchemy_threadpool.__file__ or "?")
+    except ImportError as exc:
+        library = f"not importable ({exc})"
     offload = (
         f"offload option: {', '.join(OFFLOAD_MODES)} (default {OFFLOAD_DEFAULT!r})"
         if OFFLOAD_MODES
@@ -1533,6 +1539,7 @@ def preamble(argv: Sequence[str] | None, sizes: Sizes, variants: Sequence[str]) 
             + " ".join(f"{x:.1f}" for x in os.getloadavg())
             + f"; python {sys.version.split()[0]}",
             "versions: " + ", ".join(f"{d} {ver(d)}" for d in dists),
+            f"sqlalchemy_threadpool: {library}",
             f"{offload}; variants: {', '.join(variants)}",
             f"sizes: {sizes}",
             "",
