@@ -668,26 +668,40 @@ class AsyncVariant(Variant):
         return clock.per(1, 1.0)
 
     def memory(self, scopes: int) -> dict[str, Outcome]:
-        before = set(threading.enumerate())
         rss_before = current_rss_mib()
         rps, peak_rss, peak_threads = self._run(self._memory, scopes)
         if self.sync_engine is not None:
             self.sync_engine.dispose()
-        deadline = time.monotonic() + 2.0  # let exiting workers finish exiting
-        while (left := len(set(threading.enumerate()) - before)) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        return {
+
+        def threads_left(within: float) -> int:
+            deadline = time.monotonic() + within  # let exiting threads finish exiting
+            while (left := threading.active_count() - 1) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            return left
+
+        out: dict[str, Outcome] = {
             "M.rps": ("value", rps),
             "M.rss_before": ("value", rss_before),
             "M.rss_peak": ("value", max(peak_rss, rss_before)),
             "M.threads": ("value", peak_threads),
-            "M.left": ("value", left),
+            "M.left": ("value", threads_left(1.0)),
         }
+        if self.idle_timeout_s is not None:
+            out["M.left_later"] = ("value", threads_left(self.idle_timeout_s + 2.0))
+        return out
+
+    #: Idle worker threads of the variant exit after this many seconds (None: no such
+    #: threads): M also counts the threads left once that has passed.
+    idle_timeout_s: float | None = None
+
+    async def dispose(self) -> None:
+        """The variant's own way to let go of everything at the end of M (in the loop)."""
 
     async def _memory(self, scopes: int) -> tuple[float, float, int]:
         probe = LoopProbe()
         with anyio.fail_after(MEMORY_TIMEOUT_S):
             await self._memory_run(probe, scopes)
+        await self.dispose()
         return scopes / probe.elapsed, probe.peak_rss_mib, probe.peak_threads
 
     async def _memory_run(self, probe: LoopProbe, scopes: int) -> None:
@@ -828,6 +842,21 @@ class Threadpool(AsyncVariant):
     async def prepare(self) -> None:
         # The maker's CapacityLimiter binds to the loop that first uses it: one per loop.
         self.maker = self.lib.threadpool_sessionmaker(self.engine, **self.maker_kw)
+
+    async def dispose(self) -> None:
+        shutdown = getattr(self.lib, "shutdown", None)
+        if shutdown is not None:
+            await shutdown(self.maker)  # the documented end of an application's DB work
+
+    @property
+    def idle_timeout_s(self) -> float | None:  # type: ignore[override]
+        """With ``offload="worker"``, idle workers wait this long before they exit."""
+        params = inspect.signature(self.lib.threadpool_sessionmaker).parameters
+        offload = self.maker_kw.get("offload", getattr(params.get("offload"), "default", None))
+        timeout = params.get("worker_idle_timeout")
+        if offload != "worker" or timeout is None or self.maker_kw.get("guard") == "off":
+            return None  # guard_off: same threads as "threadpool"; spare the run the wait
+        return float(self.maker_kw.get("worker_idle_timeout", timeout.default))
 
     def session(self) -> contextlib.AbstractAsyncContextManager[Any]:
         return self.maker()
@@ -1360,7 +1389,7 @@ def guard_report(s: Section, markdown: bool) -> str:
 
 
 def memory_report(s: Section, variants: Sequence[str], markdown: bool) -> str:
-    keys = ["M.rps", "M.rss_before", "M.rss_peak", "M.threads", "M.left"]
+    keys = ["M.rps", "M.rss_before", "M.rss_peak", "M.threads", "M.left", "M.left_later"]
     rows = []
     for v in variants:
         if v in s.unavailable:
@@ -1368,12 +1397,12 @@ def memory_report(s: Section, variants: Sequence[str], markdown: bool) -> str:
         if ("M", v) in s.cells:
             note = s.cells[("M", v)].note or ""
             if "W0 reference" not in note and "no concurrent scopes" not in note:
-                rows.append([v, note, "", "", "", "", ""])
+                rows.append([v, note, "", "", "", "", "", ""])
             continue
         values = [median(s.cells[(k, v)].values) if (k, v) in s.cells else None for k in keys]
         if all(x is None for x in values):
             continue
-        rps, before, peak, threads, left = values
+        rps, before, peak, threads, left, later = values
         rows.append(
             [
                 v,
@@ -1383,6 +1412,7 @@ def memory_report(s: Section, variants: Sequence[str], markdown: bool) -> str:
                 f"{(peak or 0) - (before or 0):+.0f}",
                 "-" if threads is None else str(int(threads)),
                 "-" if left is None else str(int(left)),
+                "-" if later is None else str(int(later)),
             ]
         )
     headers = [
@@ -1392,11 +1422,15 @@ def memory_report(s: Section, variants: Sequence[str], markdown: bool) -> str:
         "RSS peak MiB",
         "growth",
         "peak threads",
-        "threads left after dispose",
+        "threads left 1 s after dispose",
+        "left after the idle timeout",
     ]
     return (
-        "M: every scope opened at once (one W2 request each) against pool 10; threads counted "
-        "in the whole process (main thread included), once per section\n\n"
+        "M: every scope opened at once (one W2 request each) against pool 10, once per "
+        "section; peak threads: the whole process, main thread included; threads left: "
+        "besides the main thread (any variant's, also earlier jobs' idle ones); dispose: "
+        "`await shutdown(maker)` for ours, `engine.dispose()` for the others; the last column "
+        "only where idle worker threads outlive their sessions (offload='worker')\n\n"
         + render(headers, rows, markdown)
     )
 
