@@ -985,7 +985,8 @@ def offload_option() -> tuple[list[str], str | None]:
     try:
         for mode in OFFLOAD_CANDIDATES:
             try:
-                threadpool_sessionmaker(engine, offload=mode)
+                option: dict[str, Any] = {"offload": mode}  # the values are not known here
+                threadpool_sessionmaker(engine, **option)
             except Exception:
                 continue
             accepted.append(mode)
