@@ -24,6 +24,7 @@ from sqlalchemy_threadpool import (
     ConfigurationError,
     TransactionInterruptedError,
     allow_blocking,
+    shutdown,
     threadpool_session,
     threadpool_sessionmaker,
 )
@@ -391,6 +392,31 @@ async def test_idle_threads_exit_and_no_thread_is_left(sqlite_engine: Engine) ->
         _wait_until,
         lambda: threading.active_count() <= before + 1,  # + anyio's helper
     )
+
+
+async def test_shutdown_makes_idle_threads_exit_at_once(sqlite_engine: Engine) -> None:
+    """Not after their idle timeout (a minute here, far beyond EVENTUALLY)."""
+    maker = threadpool_sessionmaker(
+        sqlite_engine, worker_idle_timeout=_private_pool_timeout(LONG_IDLE)
+    )
+    idents: set[int] = set()
+
+    async def client() -> None:
+        async with threadpool_session(maker) as sess:
+            idents.add(await sess.run(lambda s: threading.get_ident()))
+            await anyio.sleep(0.01)
+
+    async with anyio.create_task_group() as group:
+        for _ in range(3):
+            group.start_soon(client)
+    assert all(_thread_named(i) is not None for i in idents)  # idle in the pool
+    await shutdown(maker)
+    assert await anyio.to_thread.run_sync(
+        _wait_until, lambda: all(_thread_named(i) is None for i in idents)
+    )
+    names = {t.name for t in threading.enumerate()}
+    async with threadpool_session(maker) as sess:  # a new thread starts on demand
+        assert await sess.run(lambda s: threading.current_thread().name) not in names
 
 
 async def test_a_thread_lent_to_a_lost_session_exits(sqlite_engine: Engine) -> None:

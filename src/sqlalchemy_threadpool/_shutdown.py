@@ -16,6 +16,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from ._maker import threadpool_sessionmaker
 from ._offload import admitted_offloaders
+from ._worker import stop_idle_workers
 
 __all__ = ["shutdown"]
 
@@ -43,7 +44,8 @@ async def shutdown(
       down, so their worker leaves at once and the connection is invalidated.
 
     After ``timeout`` seconds it stops waiting, logs what is left, and disposes the engine's
-    pool anyway (``dispose=False`` skips that). It runs shielded from cancellation, so it can
+    pool anyway (``dispose=False`` skips that); idle dedicated worker threads exit at once
+    instead of after ``worker_idle_timeout``. It runs shielded from cancellation, so it can
     be awaited in a ``finally:`` block of a cancelled task, and it works on asyncio and trio.
     Sessions that start after it was called are not affected: stop taking requests first.
     """
@@ -68,6 +70,7 @@ async def shutdown(
             # Closing pooled connections is network IO: keep it off the event-loop thread.
             # (Not session work, so it does not go through the offload path.)
             await anyio.to_thread.run_sync(engine.dispose)
+        stop_idle_workers()  # idle dedicated threads exit now, not after their idle timeout
 
 
 def _engine_of(target: threadpool_sessionmaker | Engine) -> Engine:

@@ -37,7 +37,7 @@ from functools import partial
 from itertools import count
 from typing import Any, TypeVar
 
-__all__ = ["IDLE_TIMEOUT", "Worker", "WorkerPool", "worker_pool"]
+__all__ = ["IDLE_TIMEOUT", "Worker", "WorkerPool", "stop_idle_workers", "worker_pool"]
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +78,7 @@ class Worker:
         "_loop",
         "_notifier",
         "_pool",
+        "_stopping",
         "_wake_fd",
         "owner",
         "thread",
@@ -92,6 +93,7 @@ class Worker:
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) if _EVENTFD else None
         self._go = threading.Lock()
         self._go.acquire()
+        self._stopping = False  # set by stop(): exit at the next wait instead of waiting
         #: Who the worker is lent to (guarded by the pool's lock); ``None`` while idle.
         self.owner: weakref.ref[object] | None = owner
         #: trio: an eventfd the thread writes when a job is done (made on first use).
@@ -129,8 +131,16 @@ class Worker:
         """Drop the cached asyncio loop (the next holder may run another one)."""
         self._loop = self._notifier = None
 
+    def stop(self) -> None:
+        """Make the (idle, pool-less) thread exit now instead of after its idle timeout."""
+        self._stopping = True
+        self._wake()
+
     def _submit(self, job: _Job) -> None:
         self._jobs.append(job)
+        self._wake()
+
+    def _wake(self) -> None:
         if self._wake_fd is not None:
             os.eventfd_write(self._wake_fd, 1)
         else:
@@ -220,6 +230,8 @@ class Worker:
             try:
                 job = jobs.popleft()
             except IndexError:
+                if self._stopping:
+                    return
                 if sleep() or not pool.retire(self):
                     continue  # new work, or the idle wait ended while lent to a live session
                 return
@@ -275,12 +287,21 @@ class WorkerPool:
         """Called by a thread whose idle wait timed out: whether it leaves the pool now."""
         with self._lock:
             if worker.owner is None:
-                self._idle.remove(worker)
+                if worker in self._idle:  # (stop_idle() may have taken it already)
+                    self._idle.remove(worker)
                 return True
             if worker.owner() is None:  # lent to a session that no longer exists
                 worker.owner = None
                 return True
             return False
+
+    def stop_idle(self) -> int:
+        """Make every idle thread exit now; return how many there were."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for worker in idle:
+            worker.stop()
+        return len(idle)
 
     @property
     def idle(self) -> int:
@@ -305,6 +326,13 @@ def _forget_threads_after_fork() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_threads_after_fork)
+
+
+def stop_idle_workers() -> int:
+    """Make the idle threads of every pool exit now (``shutdown()``); busy ones are kept."""
+    with _pools_lock:
+        pools = list(_pools.values())
+    return sum(pool.stop_idle() for pool in pools)
 
 
 def worker_pool(idle_timeout: float = IDLE_TIMEOUT) -> WorkerPool:
