@@ -16,7 +16,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar, Token
-from dataclasses import dataclass
 from types import TracebackType
 
 from ._exceptions import NoSessionError
@@ -32,13 +31,10 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
-class _Binding:
-    session: ThreadpoolSession
-    maker: threadpool_sessionmaker
-
-
-_bound: ContextVar[_Binding | None] = ContextVar("sqlalchemy_threadpool_session", default=None)
+#: The session bound to the current context; its maker is ``session.maker``.
+_bound: ContextVar[ThreadpoolSession | None] = ContextVar(
+    "sqlalchemy_threadpool_session", default=None
+)
 _default_maker: threadpool_sessionmaker | None = None
 
 
@@ -60,8 +56,8 @@ def get_default_sessionmaker() -> threadpool_sessionmaker | None:
 
 def current_session() -> ThreadpoolSession:
     """The session bound to the current context by an enclosing :func:`threadpool_session`."""
-    binding = _bound.get()
-    if binding is None:
+    session = _bound.get()
+    if session is None:
         raise NoSessionError(
             "No threadpool session is bound to the current context. Open one around this "
             "code with `async with threadpool_session(maker):` (or register a default with "
@@ -69,7 +65,7 @@ def current_session() -> ThreadpoolSession:
             "Note that bindings made inside a worker thread, or in a task started outside "
             "the scope, are not visible here."
         )
-    return binding.session
+    return session
 
 
 @contextmanager
@@ -83,7 +79,7 @@ def bind_session(session: ThreadpoolSession) -> Iterator[ThreadpoolSession]:
     """
     if not isinstance(session, ThreadpoolSession):
         raise TypeError(f"bind_session() takes a ThreadpoolSession, not {type(session).__name__}.")
-    token = _bound.set(_Binding(session, session.maker))
+    token = _bound.set(session)
     try:
         yield session
     finally:
@@ -113,7 +109,7 @@ class threadpool_session:
         self._maker = maker
         self._new = new
         self._session: ThreadpoolSession | None = None
-        self._token: Token[_Binding | None] | None = None
+        self._token: Token[ThreadpoolSession | None] | None = None
 
     async def __aenter__(self) -> ThreadpoolSession:
         if self._token is not None:
@@ -122,7 +118,7 @@ class threadpool_session:
         joins = outer is not None and not self._new and self._maker in (None, outer.maker)
         if outer is not None and joins:
             self._token = _bound.set(outer)
-            return outer.session
+            return outer
         maker = self._maker or (outer.maker if outer is not None else None) or _default_maker
         if maker is None:
             raise NoSessionError(
@@ -132,7 +128,7 @@ class threadpool_session:
                 "at start-up with `set_default_sessionmaker(maker)`."
             )
         self._session = maker()
-        self._token = _bound.set(_Binding(self._session, maker))
+        self._token = _bound.set(self._session)
         return self._session
 
     async def __aexit__(
