@@ -33,7 +33,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
-import anyio
 from litestar.di import Provide
 from litestar.middleware import DefineMiddleware
 from litestar.plugins import InitPluginProtocol
@@ -132,9 +131,9 @@ class ThreadpoolSessionPlugin(InitPluginProtocol):
         # plugin's, say) belongs to whoever opened that connection, and so does its engine.
         bind = self.sessionmaker.sync_maker.kw.get("bind")
         if isinstance(bind, Engine):
-            # Sessions still working (e.g. a stream the server gave up on) are stopped first.
-            await shutdown(bind, dispose=False)
-            await anyio.to_thread.run_sync(bind.dispose)
+            # Sessions still working (e.g. a stream the server gave up on) are stopped first,
+            # then the pool is disposed in a worker thread.
+            await shutdown(bind)
 
 
 async def _provide_session() -> ThreadpoolSession:
