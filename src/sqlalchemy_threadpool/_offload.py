@@ -472,16 +472,23 @@ class Offloader:
             self._worker = None
             self._workers.release(worker)
 
+    def _anyio_threads(self) -> anyio.CapacityLimiter:
+        """The limiter of this session's anyio threads, made on first use.
+
+        Used by ``offload="anyio"`` calls and the helpers of the slow paths; a session on its
+        dedicated worker usually never needs it. Threads are bounded by admission, not here:
+        this limiter only exists so anyio does not count them against its default 40 tokens.
+        """
+        threads = self._threads
+        if threads is None:
+            threads = self._threads = anyio.CapacityLimiter(math.inf)
+        return threads
+
     async def _run(self, work: _WorkerCall) -> Any:
         """Hand ``work`` to a worker thread and await it; cancellable at once."""
-        if self._threads is None:
-            # Threads are bounded by admission, not here: this limiter only exists so anyio
-            # does not count our calls (and the helpers of the slow paths) against its
-            # default 40-token limiter.
-            self._threads = anyio.CapacityLimiter(math.inf)
         if self._workers is None:
             return await anyio.to_thread.run_sync(
-                work.run, abandon_on_cancel=True, limiter=self._threads
+                work.run, abandon_on_cancel=True, limiter=self._anyio_threads()
             )
         worker = self._worker
         if worker is None:  # kept until the session is released (``_release_if_idle``)
@@ -494,7 +501,7 @@ class Offloader:
         if work.finished.is_set():
             return True
         return await anyio.to_thread.run_sync(
-            work.finished.wait, seconds, abandon_on_cancel=True, limiter=self._threads
+            work.finished.wait, seconds, abandon_on_cancel=True, limiter=self._anyio_threads()
         )
 
     async def _dispatch(self, fn: Callable[[], Any]) -> Any:
@@ -549,7 +556,7 @@ class Offloader:
                 self.session,
                 work.finished,
                 loud,
-                limiter=self._threads,
+                limiter=self._anyio_threads(),
             )
             loud = False
             remaining = sever_at - anyio.current_time()
@@ -600,7 +607,9 @@ class Offloader:
             await self._run(work)
             return
         if not work.abandon():  # never started: try again, invalidating, without a deadline
-            await anyio.to_thread.run_sync(discard_session, session, True, limiter=self._threads)
+            await anyio.to_thread.run_sync(
+                discard_session, session, True, limiter=self._anyio_threads()
+            )
             return
         if work.finished.is_set():
             return
