@@ -239,6 +239,9 @@ class Worker:
                 job.value = job.context.run(job.fn)
             except BaseException as exc:  # delivered to the awaiting task
                 job.error = exc
+            # Drop the callable (and what it holds: the session) before waking the task, so a
+            # session its caller dropped is collectable as soon as the caller sees the result.
+            del job.fn, job.context
             job.done = True
             notify = job.notify
             if notify is not None:
