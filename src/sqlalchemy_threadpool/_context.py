@@ -7,8 +7,8 @@ cancellation, always close. The cleanup runs in a worker, shielded from cancella
 block's own exception or cancellation is what propagates. ``current_session()`` returns the
 bound session from anywhere below.
 
-Binding happens on the async side, never in a worker: anyio copies the context into worker
-threads but does not copy changes back.
+Binding happens on the async side, never in a worker: a worker thread (the session's own, or
+anyio's) runs in a copy of the caller's context, and changes to it are not copied back.
 """
 
 from __future__ import annotations

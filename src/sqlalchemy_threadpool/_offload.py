@@ -2,8 +2,10 @@
 
 Every IO call of a :class:`~sqlalchemy_threadpool.ThreadpoolSession` goes through
 :meth:`Offloader.call` (the end of a unit of work through :meth:`Offloader.finish`); no other
-module starts session work in a thread. One ``Offloader`` belongs to one session and enforces,
-in this order:
+module starts session work in a thread. The thread is, by default (``offload="worker"``), one
+lent to the session by a :class:`~._worker.WorkerPool` for as long as it is admitted; with
+``offload="anyio"`` each call takes one of :func:`anyio.to_thread.run_sync`'s. One
+``Offloader`` belongs to one session and enforces, in this order:
 
 1. **Scope and ownership**: a session whose scope has ended raises
    :class:`SessionClosedError` at once; a ``strict`` session used from a task other than its
@@ -15,11 +17,12 @@ in this order:
    a transaction (after commit, rollback or close). Only admitted sessions run threads and
    hold connections, so a session holding a connection never waits for a thread, threads
    never wait in pool checkout, and waiting for capacity is a plain cancellable await.
-4. **Interruption**: the worker is started with ``abandon_on_cancel=True`` so a cancellation
-   is seen at once; a callable that had not started yet never runs. One that had started is
-   *stopped*: the database is asked to cancel the statement in flight (``_cancel``), again
-   until the worker leaves, and the abandoned callable may not start another statement; if it
-   is still inside after the cleanup deadline its connection's socket is shut down. Then the
+4. **Interruption**: the awaiting task stops waiting for the thread as soon as it is cancelled
+   (:meth:`~._worker.Worker.call`, or ``abandon_on_cancel=True`` on anyio's threads); a
+   callable that had not started yet never runs. One that had started is *stopped*: the
+   database is asked to cancel the statement in flight (``_cancel``), again until the worker
+   leaves, and the abandoned callable may not start another statement; if it is still inside
+   after the cleanup deadline its connection's socket is shut down. Then the
    unit of work is *failed*, whatever the worker returned: it is rolled back and closed in a
    worker within the cleanup deadline (the connection invalidated instead if that fails, or
    if a ``BaseException`` escaped the worker), and every later call but ``rollback()`` /
