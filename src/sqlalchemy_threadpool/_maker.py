@@ -179,7 +179,8 @@ def _prebuffer_rows(state: ORMExecuteState) -> None:
         state.update_execution_options(prebuffer_rows=True)
 
 
-def _engine_of(bind: Engine | Connection | None) -> Engine | None:
+def engine_of(bind: Engine | Connection | None) -> Engine | None:
+    """The engine behind a maker's ``bind``."""
     if isinstance(bind, Connection):
         return bind.engine
     return bind
@@ -238,14 +239,14 @@ def _make_limiter(
 
 
 def _pool_timeout(bind: Engine | Connection | None) -> float:
-    engine = _engine_of(bind)
+    engine = engine_of(bind)
     if engine is not None and isinstance(engine.pool, QueuePool):
         return engine.pool.timeout()
     return 30.0
 
 
 def _check_sqlite_memory(bind: Engine | Connection | None) -> None:
-    engine = _engine_of(bind)
+    engine = engine_of(bind)
     if engine is not None and engine.dialect.name == "duckdb":
         _check_duckdb_memory(engine)
     if engine is None or engine.dialect.name != "sqlite":

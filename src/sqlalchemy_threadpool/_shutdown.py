@@ -12,9 +12,9 @@ from __future__ import annotations
 import logging
 
 import anyio
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Engine
 
-from ._maker import threadpool_sessionmaker
+from ._maker import engine_of, threadpool_sessionmaker
 from ._offload import admitted_offloaders
 from ._worker import stop_idle_workers
 
@@ -77,12 +77,10 @@ def _engine_of(target: threadpool_sessionmaker | Engine) -> Engine:
     if isinstance(target, Engine):
         return target
     if isinstance(target, threadpool_sessionmaker):
-        bind = target.sync_maker.kw.get("bind")
-        if isinstance(bind, Engine):
-            return bind
-        if isinstance(bind, Connection):
-            return bind.engine
-        raise TypeError("shutdown() needs a maker bound to an engine; this one has no bind.")
+        engine = engine_of(target.sync_maker.kw.get("bind"))
+        if engine is None:
+            raise TypeError("shutdown() needs a maker bound to an engine; this one has no bind.")
+        return engine
     raise TypeError(
         f"shutdown() takes a threadpool_sessionmaker or an Engine, not {type(target).__name__}."
     )
