@@ -90,13 +90,10 @@ class _plain(Generic[P, R]):
 class _attribute(Generic[T]):
     """Declares a read-only attribute forwarded from the sync session."""
 
-    __slots__ = ("_name",)
+    __slots__ = ("_getter",)
 
     def __init__(self, getter: Callable[[Session], T]) -> None:
-        self._name = ""
-
-    def __set_name__(self, owner: type[Any], name: str) -> None:
-        self._name = name
+        self._getter = getter
 
     @overload
     def __get__(self, obj: None, owner: type[Any]) -> Self: ...
@@ -105,7 +102,7 @@ class _attribute(Generic[T]):
     def __get__(self, obj: ThreadpoolSession | None, owner: type[Any]) -> Any:
         if obj is None:
             return self
-        return getattr(obj.sync_session, self._name)
+        return self._getter(obj.sync_session)
 
 
 class ThreadpoolSession:
