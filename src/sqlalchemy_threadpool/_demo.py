@@ -32,6 +32,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from ._context import threadpool_session
+from ._lag import recording_lag
 from ._maker import threadpool_sessionmaker
 
 
@@ -98,30 +99,19 @@ def _request_sync(session: Session, user_id: int, report: str) -> int:
 async def _measure(
     name: str, requests: int, concurrency: int, one: Callable[[int], Awaitable[Any]]
 ) -> Outcome:
-    lags: list[float] = []
-    done = anyio.Event()
-
-    async def ticker() -> None:
-        while not done.is_set():
-            start = time.perf_counter()
-            await anyio.sleep(0.001)
-            lags.append(max(0.0, (time.perf_counter() - start - 0.001) * 1000))
-
     counter = iter(range(requests))
 
     async def worker() -> None:
         for n in counter:
             await one(n % USERS + 1)
 
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(ticker)
+    async with recording_lag() as lags:
         await anyio.sleep(0.01)
         start = time.perf_counter()
         async with anyio.create_task_group() as workers:
             for _ in range(concurrency):
                 workers.start_soon(worker)
         seconds = time.perf_counter() - start
-        done.set()
     return Outcome(name, requests, seconds, lags)
 
 

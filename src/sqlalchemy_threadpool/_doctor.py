@@ -44,6 +44,7 @@ from sqlalchemy.pool import QueuePool
 
 from ._cancel import canceller_for
 from ._exceptions import ConfigurationError
+from ._lag import recording_lag
 from ._maker import pool_capacity, threadpool_sessionmaker
 
 __all__ = ["main"]
@@ -368,19 +369,8 @@ async def _timings(maker: threadpool_sessionmaker, engine: Engine, n: int) -> di
 
 
 async def _lag_ms(load: Callable[[], Awaitable[None]]) -> dict[str, float]:
-    lags: list[float] = []
-    done = anyio.Event()
-
-    async def ticker() -> None:
-        while not done.is_set():
-            start = time.perf_counter()
-            await anyio.sleep(0.001)
-            lags.append(max(0.0, time.perf_counter() - start - 0.001) * 1000)
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(ticker)
+    async with recording_lag() as lags:
         await load()
-        done.set()
     q = statistics.quantiles(lags, n=100, method="inclusive") if len(lags) > 1 else lags * 99
     return {"p50_ms": round(q[49], 2), "p99_ms": round(q[98], 2), "max_ms": round(max(lags), 2)}
 
