@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import gc
 import itertools
+import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -29,6 +31,7 @@ from sqlalchemy_threadpool import (
     threadpool_sessionmaker,
 )
 from sqlalchemy_threadpool._guard import _allowed
+from sqlalchemy_threadpool import _worker
 from sqlalchemy_threadpool._offload import _WorkerCall
 from sqlalchemy_threadpool._worker import WorkerPool, worker_pool
 
@@ -486,3 +489,103 @@ def test_the_portable_wakeups_work_where_eventfd_is_missing(tmp_path: Path) -> N
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
+
+
+# -- the GIL on the event-loop thread --------------------------------------------------------
+
+
+class _Spinner:
+    """A thread that counts in pure Python: with a switch interval far longer than the test,
+    it can only advance while the thread under test has released the GIL."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.stop = False
+        self.thread = threading.Thread(target=self._spin, daemon=True)
+
+    def _spin(self) -> None:
+        while not self.stop:
+            self.count += 1
+
+    def __enter__(self) -> _Spinner:
+        self.interval = sys.getswitchinterval()
+        self.thread.start()
+        while self.count == 0:  # it runs, and now waits for the GIL whenever we hold it
+            time.sleep(0.001)
+        sys.setswitchinterval(1000.0)
+        time.sleep(0.01)  # (the spinner takes the GIL here, then we take it back)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        sys.setswitchinterval(self.interval)
+        self.stop = True
+        self.thread.join()
+
+
+@pytest.mark.skipif(_worker._write_keeping_gil is None, reason="needs eventfd and libc (Linux)")
+def test_waking_a_worker_while_others_are_busy_keeps_the_gil() -> None:
+    """The loop thread's wake-ups under concurrency do not give the GIL to busy workers."""
+    fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    write, read = _worker._write_keeping_gil, _worker._read_eventfd
+    assert write is not None
+    try:
+        with _Spinner() as spinner:
+            before = spinner.count
+            for _ in range(20_000):
+                write(fd)
+                read(fd)
+            kept = spinner.count - before
+            before = spinner.count
+            for _ in range(20_000):  # the control: os's syscalls release the GIL
+                os.eventfd_write(fd, 1)
+                os.eventfd_read(fd)
+            released = spinner.count - before
+    finally:
+        os.close(fd)
+    assert kept == 0
+    assert released > 0
+
+
+@pytest.mark.skipif(_worker._write_keeping_gil is None, reason="needs eventfd and libc (Linux)")
+async def test_only_a_lone_call_hands_the_gil_over_with_its_wake_up(
+    sqlite_engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A call alone in flight wakes its worker with a GIL-releasing write (the fast lone hop);
+    with several in flight the loop thread keeps the GIL (``_worker`` docstring)."""
+    loop_thread = threading.get_ident()
+    releasing: list[int] = []
+    keeping: list[int] = []
+    os_write, keep_write = os.eventfd_write, _worker._write_keeping_gil
+    assert keep_write is not None
+
+    def spy_os_write(fd: int, value: int) -> None:
+        if threading.get_ident() == loop_thread:  # (workers write too: to wake the loop)
+            releasing.append(len(_worker._in_flight))
+        os_write(fd, value)
+
+    def spy_keep_write(fd: int) -> None:
+        keeping.append(len(_worker._in_flight))
+        keep_write(fd)
+
+    monkeypatch.setattr(_worker.os, "eventfd_write", spy_os_write)
+    monkeypatch.setattr(_worker, "_write_keeping_gil", spy_keep_write)
+    maker = threadpool_sessionmaker(sqlite_engine, worker_idle_timeout=LONG_IDLE)
+    async with maker() as sess:
+        for _ in range(5):
+            await sess.run(lambda s: s.execute(select(1)).scalar())
+    assert releasing and set(releasing) == {1}
+    assert keeping == []
+    releasing.clear()
+    gate = threading.Barrier(4)
+
+    async def one() -> None:
+        async with maker() as sess:
+            await sess.run(lambda s: gate.wait(EVENTUALLY))  # all four in flight at once
+
+    async with anyio.create_task_group() as group:
+        for _ in range(4):
+            group.start_soon(one)
+    assert len(keeping) >= 3  # every wake-up but the first had others in flight
+    assert all(n > 1 for n in keeping)
+    assert all(n == 1 for n in releasing)
+    await shutdown(maker)

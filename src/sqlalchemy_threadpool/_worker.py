@@ -6,9 +6,21 @@ shared queue of worker threads. A session that holds a connection runs its calls
 so it can instead *own* one thread for as long as it is admitted (the aiosqlite shape): then a
 call is a job appended to that thread's queue plus a raw-lock release to wake it, and the answer
 comes back by the event loop's own thread-safe wake-up: a per-loop ``eventfd`` reader on
-asyncio (``call_soon_threadsafe`` where there is none), a trio token's ``run_sync_soon`` and
-``reschedule`` on trio. Owning the thread also gives thread affinity, which drivers that insist
-on one thread per connection need.
+asyncio (``call_soon_threadsafe`` where there is none), the awaiting task's own ``eventfd``
+on trio (a trio token's ``run_sync_soon`` and ``reschedule`` for a second waiter). Owning the
+thread also gives thread affinity, which drivers that insist on one thread per connection need.
+
+**The GIL and the event-loop thread.** Every ``os`` syscall releases the GIL, and a thread that
+wants it back while another runs Python waits until that one blocks or the interpreter's switch
+interval (5 ms) forces a switch. The loop thread drives every task, so it must not give the GIL
+away in the middle of its work while workers are busy: under concurrency such waits were most
+of its time and set the event loop's lag (profiled in ``bench/RESULTS.md``). So the loop resets
+its eventfds with a read that keeps the GIL, and wakes a worker with a write that keeps it too
+while other calls are in flight (``_write_keeping_gil``, libc through :class:`ctypes.PyDLL`; the
+eventfds are non-blocking, so neither call can block). Only when the call is the only one in
+flight does the wake-up release the GIL, which hands it straight to the woken thread: that
+makes a lone hop (W0/W1) cheaper, and nobody else is waiting for it then. Workers release
+the GIL freely: to wake the loop and in every driver call.
 
 Threads wait in a :class:`WorkerPool` between sessions and exit after its idle timeout; the
 maker's limiter bounds how many sessions (and so threads) are busy at once.
@@ -117,10 +129,14 @@ class Worker:
         """
         job = _Job(fn, copy_context())
         loop = _get_running_loop()
-        if loop is not None:
-            await self._wait_asyncio(job, loop)
-        else:
-            await self._wait_trio(job)
+        _in_flight.append(None)
+        try:
+            if loop is not None:
+                await self._wait_asyncio(job, loop)
+            else:
+                await self._wait_trio(job)
+        finally:
+            _in_flight.pop()
         if job.error is not None:
             error, job.error = job.error, None  # no reference cycle through the traceback
             raise error
@@ -141,8 +157,12 @@ class Worker:
         self._wake()
 
     def _wake(self) -> None:
-        if self._wake_fd is not None:
-            os.eventfd_write(self._wake_fd, 1)
+        fd = self._wake_fd
+        if fd is not None:
+            if len(_in_flight) > 1 and _write_keeping_gil is not None:
+                _write_keeping_gil(fd)  # other calls are in flight: keep the GIL (docstring)
+            else:
+                os.eventfd_write(fd, 1)  # alone: hand the GIL to the woken thread
         else:
             with contextlib.suppress(RuntimeError):  # already released: a wake-up is pending
                 self._go.release()
@@ -175,8 +195,7 @@ class Worker:
             try:
                 while True:
                     await trio.lowlevel.wait_readable(fd)
-                    with contextlib.suppress(BlockingIOError):
-                        os.eventfd_read(fd)  # (a stale wake-up of an abandoned job: wait on)
+                    _read_eventfd(fd)  # (a stale wake-up of an abandoned job: wait on)
                     if job.done:
                         return
             except BaseException:
@@ -325,6 +344,7 @@ def _forget_threads_after_fork() -> None:
         pool._lock = threading.Lock()
         pool._idle = []
     _loop_wakers.clear()
+    _in_flight.clear()
 
 
 if hasattr(os, "register_at_fork"):
@@ -385,12 +405,55 @@ class _LoopWaker:
         os.eventfd_write(self._fd, 1)
 
     def _resolve_ready(self) -> None:
-        with contextlib.suppress(BlockingIOError):
-            os.eventfd_read(self._fd)
+        _read_eventfd(self._fd)
         ready = self._ready
         while ready:
             _resolve(ready.popleft())
 
+
+#: One entry per call in flight to a worker, in every event loop of the process (``deque``
+#: appends and pops are atomic, so loops in several threads may share it): ``_wake`` keeps the
+#: GIL when there is more than one.
+_in_flight: deque[None] = deque()
+
+
+def _libc_eventfd_calls() -> tuple[Callable[[int], None], Callable[[int], None]] | None:
+    """libc's ``eventfd_write(fd, 1)`` and ``eventfd_read(fd)`` through :class:`ctypes.PyDLL`,
+    which calls them *without* releasing the GIL; ``None`` where they cannot be had."""
+    try:
+        import ctypes
+
+        libc = ctypes.PyDLL(None)
+        c_write, c_read = libc.eventfd_write, libc.eventfd_read
+    except (ImportError, OSError, AttributeError):  # no ctypes, or a libc without them
+        return None
+    c_write.argtypes = [ctypes.c_int, ctypes.c_uint64]
+    c_write.restype = ctypes.c_int
+    c_read.argtypes = [ctypes.c_int, ctypes.c_void_p]
+    c_read.restype = ctypes.c_int
+    # Shared by every caller: safe, since each call holds the GIL from start to end.
+    counter = ctypes.c_uint64()
+    where = ctypes.byref(counter)
+
+    def write(fd: int) -> None:
+        c_write(fd, 1)
+
+    def read(fd: int) -> None:
+        c_read(fd, where)  # -1 (EAGAIN) when already reset: nothing to do either way
+
+    return write, read
+
+
+def _os_eventfd_read(fd: int) -> None:
+    with contextlib.suppress(BlockingIOError):  # (reset by an earlier read)
+        os.eventfd_read(fd)
+
+
+_libc_calls = _libc_eventfd_calls() if _EVENTFD else None
+#: Wakes a worker without releasing the GIL (``None``: not available here).
+_write_keeping_gil: Callable[[int], None] | None = _libc_calls[0] if _libc_calls else None
+#: Resets one of the event loop's eventfds, keeping the GIL where possible.
+_read_eventfd: Callable[[int], None] = _libc_calls[1] if _libc_calls else _os_eventfd_read
 
 _loop_wakers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopWaker] = (
     weakref.WeakKeyDictionary()
