@@ -40,6 +40,7 @@ import traceback
 import uuid
 import warnings
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import anyio
@@ -255,7 +256,7 @@ class Soak:
     def integrity(self) -> dict[str, Any]:
         admin = create_engine(self.url, poolclass=NullPool)
         with admin.connect() as conn:
-            counts = dict(
+            counts: dict[str, int] = dict(
                 conn.execute(text("SELECT tag, count(*) FROM soak GROUP BY tag")).tuples().all()
             )
         admin.dispose()
@@ -282,7 +283,7 @@ class Soak:
         for ident, frame in sys._current_frames().items():
             if ident == threading.get_ident():
                 continue
-            stack = frame
+            stack: FrameType | None = frame
             while stack is not None:
                 if "sqlalchemy" in stack.f_code.co_filename:
                     inside += 1

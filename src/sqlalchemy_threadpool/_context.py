@@ -24,6 +24,7 @@ from ._session import ThreadpoolSession
 
 __all__ = [
     "bind_session",
+    "bound_session",
     "current_session",
     "get_default_sessionmaker",
     "set_default_sessionmaker",
@@ -54,9 +55,14 @@ def get_default_sessionmaker() -> threadpool_sessionmaker | None:
     return _default_maker
 
 
+def bound_session() -> ThreadpoolSession | None:
+    """The session bound to the current context, or ``None`` (:func:`current_session` raises)."""
+    return _bound.get()
+
+
 def current_session() -> ThreadpoolSession:
     """The session bound to the current context by an enclosing :func:`threadpool_session`."""
-    session = _bound.get()
+    session = bound_session()
     if session is None:
         raise NoSessionError(
             "No threadpool session is bound to the current context. Open one around this "

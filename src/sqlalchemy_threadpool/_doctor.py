@@ -17,56 +17,37 @@ driver or a missing database file is one ``error:`` line on stderr and exit stat
 traceback. Exit status 0 means the report was printed; 3 that it was printed but a
 ``threadpool_sessionmaker`` refuses this engine (the report says why); 2 is a usage error.
 Progress goes to stderr (``--quiet`` silences it).
+
+This module is the command: advice, the table, JSON and exit status. What it measures, and
+everything that touches the database, is in ``_probe``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
-import os
-import re
-import statistics
 import sys
-import time
-from collections.abc import Awaitable, Callable
-from importlib import metadata
 from typing import Any
 
 import anyio
-import anyio.lowlevel
-from sqlalchemy import create_engine, literal, make_url, select, text
-from sqlalchemy.engine import Engine
-from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
-from sqlalchemy.orm import Session
-from sqlalchemy.pool import QueuePool
+from sqlalchemy import make_url
+from sqlalchemy.exc import ArgumentError
 
-from ._cancel import canceller_for
-from ._exceptions import ConfigurationError
-from ._lag import recording_lag
-from ._maker import pool_capacity, threadpool_sessionmaker
+from ._probe import (
+    DoctorError,
+    engine_facts,
+    first_line,
+    maker_for,
+    measure,
+    open_engine,
+    progress,
+    server_limits,
+    sqlite_journal_mode,
+)
 
 __all__ = ["main"]
 
-#: pip distributions of DBAPI modules whose import name differs.
-_PIP_NAMES = {
-    "psycopg2": "psycopg2-binary",
-    "psycopg": "psycopg[binary]",
-    "MySQLdb": "mysqlclient",
-    "mysql": "mysql-connector-python",
-    "duckdb_engine": "duckdb-engine",
-}
-#: Drivers whose connect timeout argument we know, so an unreachable host fails quickly.
-_TIMEOUT_ARGS = {
-    "psycopg2": "connect_timeout",
-    "psycopg": "connect_timeout",
-    "pymysql": "connect_timeout",
-    "mysqldb": "connect_timeout",
-    "mysqlconnector": "connection_timeout",
-    "mariadbconnector": "connect_timeout",
-    "pg8000": "timeout",
-}
 #: How to bound statements on the server when the driver has no canceller.
 _SERVER_TIMEOUTS = {
     "postgresql": "Bound statements on the server with statement_timeout.",
@@ -76,367 +57,13 @@ _SERVER_TIMEOUTS = {
 }
 #: Exit status when the report is printed but a maker refuses the engine.
 EXIT_REFUSED = 3
-SLEEP_SECONDS = 3.0
-CANCEL_AFTER = 0.2
-_THREADSAFETY = {
-    0: "threads may not share the module",
-    1: "threads may share the module, not connections",
-    2: "threads may share the module and connections",
-    3: "threads may share the module, connections and cursors",
-}
-
-
-class DoctorError(Exception):
-    """A problem reported as one line, without a traceback."""
-
-
-def _progress(quiet: bool, message: str) -> None:
-    if not quiet:
-        print(f"doctor: {message}", file=sys.stderr, flush=True)
-
-
-def _first_line(exc: BaseException) -> str:
-    while isinstance(getattr(exc, "exceptions", None), tuple) and exc.exceptions:  # type: ignore[attr-defined]
-        exc = exc.exceptions[0]  # type: ignore[attr-defined]  # an exception group's first
-    inner = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
-    lines = str(inner).strip().splitlines()
-    return lines[0].strip() if lines else type(inner).__name__
-
-
-def _missing_driver(drivername: str, exc: ImportError) -> str:
-    module = (exc.name or "").split(".")[0] or str(exc)
-    return (
-        f"the driver for {drivername} is not installed: no module {module!r} "
-        f"(pip install {_PIP_NAMES.get(module, module)})"
-    )
-
-
-def open_engine(args: argparse.Namespace) -> Engine:
-    """The engine for ``args.url``, connected once; :class:`DoctorError` if it cannot be."""
-    try:
-        url = make_url(args.url)
-    except ArgumentError:
-        raise DoctorError(
-            f"not a database URL: {args.url!r} (expected dialect+driver://user:password@host:"
-            "port/database, e.g. postgresql+psycopg2://app@127.0.0.1/app)"
-        ) from None
-    shown = url.render_as_string(hide_password=True)
-    backend = url.get_backend_name()
-    try:
-        driver = url.get_driver_name()  # loads the dialect when the URL names no driver
-    except NoSuchModuleError:
-        raise DoctorError(
-            f"unknown dialect {url.drivername!r} in {shown} (is its SQLAlchemy dialect package "
-            "installed?)"
-        ) from None
-    except ImportError as exc:
-        raise DoctorError(_missing_driver(url.drivername, exc)) from None
-    if (
-        backend in ("sqlite", "duckdb")
-        and url.database not in (None, "")
-        and (not url.database.startswith(":memory:") and not url.database.startswith("file:"))
-        and not os.path.exists(url.database)
-    ):
-        raise DoctorError(f"no database file {url.database!r} (doctor does not create one)")
-    kwargs: dict[str, Any] = {}
-    if args.pool_size is not None:
-        kwargs["pool_size"] = args.pool_size
-    if args.max_overflow is not None:
-        kwargs["max_overflow"] = args.max_overflow
-    connect_args: dict[str, Any] = {}
-    timeout_arg = _TIMEOUT_ARGS.get(driver)
-    if timeout_arg is not None and backend not in ("sqlite", "duckdb"):
-        connect_args[timeout_arg] = args.connect_timeout
-    if backend == "duckdb" and url.database and not url.database.startswith(":memory:"):
-        connect_args["read_only"] = True
-    try:
-        engine = create_engine(url, connect_args=connect_args, **kwargs)
-    except NoSuchModuleError:
-        raise DoctorError(
-            f"unknown dialect or driver {url.drivername!r} in {shown} (is its SQLAlchemy "
-            "dialect package installed?)"
-        ) from None
-    except ImportError as exc:
-        raise DoctorError(_missing_driver(url.drivername, exc)) from None
-    except TypeError as exc:
-        raise DoctorError(f"bad engine options for {shown}: {exc}") from None
-    if engine.dialect.is_async:
-        engine.dispose()
-        raise DoctorError(
-            f"{url.drivername} is an async driver: use it with SQLAlchemy's AsyncSession, or "
-            "pick its sync counterpart (e.g. postgresql+psycopg2, mysql+pymysql) for "
-            "threadpool sessions"
-        )
-    try:
-        with engine.connect() as conn:
-            conn.execute(select(literal(1))).scalar()
-    except Exception as exc:  # an unreachable server, bad credentials, a missing database
-        engine.dispose()
-        raise DoctorError(f"cannot connect to {shown}: {_first_line(exc)}") from None
-    return engine
-
-
-# -- what the engine and a maker would do ------------------------------------------------
-
-
-def _distribution_version(name: str) -> tuple[int | str, ...] | None:
-    try:
-        return tuple(int(p) if p.isdigit() else p for p in metadata.version(name).split("."))
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def _facts(engine: Engine) -> dict[str, Any]:
-    dialect = engine.dialect
-    dbapi = dialect.loaded_dbapi
-    threadsafety = getattr(dbapi, "threadsafety", None)
-    version = dialect.server_version_info
-    module = getattr(dbapi, "__name__", None) or type(dbapi).__module__.split(".")[0]
-    if dialect.name == "duckdb":  # duckdb-engine reports PostgreSQL 8.0, its SQL flavour
-        module, version = "duckdb", _distribution_version("duckdb")
-    pool = engine.pool
-    capacity = pool_capacity(engine)
-    facts: dict[str, Any] = {
-        "url": engine.url.render_as_string(hide_password=True),
-        "dialect": dialect.name,
-        "driver": dialect.driver,
-        "server_version": ".".join(str(part) for part in version) if version else None,
-        "dbapi": {
-            "module": module,
-            "threadsafety": threadsafety,
-            "meaning": _THREADSAFETY.get(threadsafety, "not declared")
-            if isinstance(threadsafety, int)
-            else "not declared",
-        },
-        "pool": {
-            "class": type(pool).__name__,
-            "capacity": None if capacity is None or capacity == math.inf else int(capacity),
-            "bounded": capacity is not None and capacity != math.inf,
-            "timeout_s": pool.timeout() if isinstance(pool, QueuePool) else None,
-        },
-    }
-    if isinstance(pool, QueuePool):
-        facts["pool"]["size"] = pool.size()
-        facts["pool"]["max_overflow"] = pool._max_overflow
-    return facts
-
-
-def _limiter(engine: Engine) -> tuple[threadpool_sessionmaker | None, dict[str, Any]]:
-    try:
-        maker = threadpool_sessionmaker(engine)
-    except ConfigurationError as exc:
-        return None, {"tokens": None, "error": str(exc)}
-    capacity = pool_capacity(engine)
-    tokens = maker.limiter.total_tokens
-    follows = capacity is not None and capacity != math.inf and tokens == capacity
-    return maker, {"tokens": int(tokens), "follows_pool": follows, "error": None}
-
-
-def _server_limits(engine: Engine) -> dict[str, Any] | None:
-    """The server's connection limits: for the whole server, and for this account."""
-    name = engine.dialect.name
-    if name not in ("postgresql", "mysql", "mariadb"):
-        return None
-    limits: dict[str, Any] = {"max_connections": None, "account_limit": None, "error": None}
-    try:
-        with engine.connect() as conn:
-            if name == "postgresql":
-                limits["max_connections"] = int(
-                    conn.exec_driver_sql("SHOW max_connections").scalar_one()
-                )
-                reserved = int(
-                    conn.exec_driver_sql("SHOW superuser_reserved_connections").scalar_one()
-                )
-                superuser, role_limit = conn.execute(
-                    text(
-                        "SELECT rolsuper, rolconnlimit FROM pg_roles WHERE rolname = current_user"
-                    )
-                ).one()
-                if not superuser:
-                    limits["max_connections"] -= reserved
-                limits["account_limit"] = role_limit if role_limit >= 0 else None
-            else:
-                server, user = conn.exec_driver_sql(
-                    "SELECT @@max_connections, @@max_user_connections"
-                ).one()
-                limits["max_connections"] = int(server)
-                account = int(user) or None  # 0: no limit
-                for (grant,) in conn.exec_driver_sql("SHOW GRANTS"):
-                    match = re.search(r"MAX_USER_CONNECTIONS (\d+)", str(grant))
-                    if match and int(match[1]):
-                        account = int(match[1])  # the account's own limit wins
-                limits["account_limit"] = account
-    except Exception as exc:  # a proxy, or a server that hides its settings
-        limits["error"] = _first_line(exc)
-    return limits
-
-
-# -- measurements --------------------------------------------------------------------------
-
-
-def _sleep_statement(dialect: str) -> str | None:
-    if dialect == "postgresql":
-        return f"SELECT pg_sleep({SLEEP_SECONDS})"
-    if dialect in ("mysql", "mariadb"):
-        return f"SELECT SLEEP({SLEEP_SECONDS})"
-    if dialect == "sqlite":  # about SLEEP_SECONDS of work, or much less on a fast machine
-        rows = int(SLEEP_SECONDS * 3_000_000)
-        return (
-            f"WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < {rows}) "
-            "SELECT count(*) FROM c"
-        )
-    return None
-
-
-class _Captured(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        detail = f": {record.exc_info[1]}" if record.exc_info and record.exc_info[1] else ""
-        self.messages.append(f"{record.getMessage()}{detail}")
-
-
-async def _cancel_check(maker: threadpool_sessionmaker, engine: Engine) -> dict[str, Any]:
-    statement = _sleep_statement(engine.dialect.name)
-    has_canceller = canceller_for(engine) is not None
-    result: dict[str, Any] = {"mechanism": has_canceller, "tested": False, "works": None}
-    if not has_canceller or statement is None:
-        return result
-    captured = _Captured()
-    package_logger = logging.getLogger(__name__.rpartition(".")[0])
-    package_logger.addHandler(captured)
-    start = time.perf_counter()
-    try:
-        async with maker() as sess:
-            with anyio.move_on_after(CANCEL_AFTER):
-                await sess.execute(text(statement))
-    except Exception as exc:  # a driver's "query cancelled" surfacing anyway: still a result
-        captured.messages.append(_first_line(exc))
-    finally:
-        package_logger.removeHandler(captured)
-    late = max(0.0, time.perf_counter() - start - CANCEL_AFTER)
-    result.update(
-        tested=True,
-        statement=statement,
-        returned_after_deadline_s=round(late, 4),
-        works=late < SLEEP_SECONDS / 2,
-        problems=captured.messages,
-    )
-    return result
-
-
-def _noop(session: Session) -> None:
-    return None
-
-
-def _median_us(samples: list[float]) -> float:
-    return round(statistics.median(samples) * 1e6, 1)
-
-
-async def _timings(maker: threadpool_sessionmaker, engine: Engine, n: int) -> dict[str, Any]:
-    point = select(literal(1))
-    raw: list[float] = []
-    for _ in range(n):
-        start = time.perf_counter()
-        await anyio.to_thread.run_sync(time.perf_counter)
-        raw.append(time.perf_counter() - start)
-    hop: list[float] = []
-    offloaded: list[float] = []
-    async with maker() as sess:
-        for _ in range(n):
-            start = time.perf_counter()
-            await sess.run(_noop)
-            hop.append(time.perf_counter() - start)
-        for _ in range(n):
-            start = time.perf_counter()
-            await sess.scalar(point)
-            offloaded.append(time.perf_counter() - start)
-    direct: list[float] = []
-    with engine.connect() as conn:
-        for _ in range(n):
-            start = time.perf_counter()
-            conn.execute(point).scalar()
-            direct.append(time.perf_counter() - start)
-    return {
-        "samples": n,
-        "to_thread_hop_us": _median_us(raw),
-        "session_hop_us": _median_us(hop),
-        "point_query_direct_us": _median_us(direct),
-        "point_query_offloaded_us": _median_us(offloaded),
-    }
-
-
-async def _lag_ms(load: Callable[[], Awaitable[None]]) -> dict[str, float]:
-    async with recording_lag() as lags:
-        await load()
-    q = statistics.quantiles(lags, n=100, method="inclusive") if len(lags) > 1 else lags * 99
-    return {"p50_ms": round(q[49], 2), "p99_ms": round(q[98], 2), "max_ms": round(max(lags), 2)}
-
-
-async def _loop_lag(
-    maker: threadpool_sessionmaker, engine: Engine, tasks: int, queries: int
-) -> dict[str, Any]:
-    point = select(literal(1))
-
-    async def offloaded() -> None:
-        async def one() -> None:
-            async with maker() as sess:
-                for _ in range(queries):
-                    await sess.scalar(point)
-
-        async with anyio.create_task_group() as tg:
-            for _ in range(tasks):
-                tg.start_soon(one)
-
-    async def on_the_loop() -> None:
-        async def one() -> None:
-            with engine.connect() as conn:  # blocks the loop for every query: the point
-                for _ in range(queries):
-                    conn.execute(point).scalar()
-                    await anyio.lowlevel.checkpoint()
-
-        async with anyio.create_task_group() as tg:
-            for _ in range(tasks):
-                tg.start_soon(one)
-
-    await offloaded()  # warm-up, unmeasured: connections and worker threads are created once
-    return {
-        "load": f"{tasks} tasks x {queries} point queries",
-        "threadpool": await _lag_ms(offloaded),
-        "sync_on_the_loop": await _lag_ms(on_the_loop),
-    }
-
-
-async def _measure(
-    maker: threadpool_sessionmaker, engine: Engine, args: argparse.Namespace
-) -> dict[str, Any]:
-    report: dict[str, Any] = {}
-    _progress(args.quiet, "trying server-side statement cancel on a sleep statement ...")
-    report["cancel"] = await _step(_cancel_check(maker, engine))
-    _progress(args.quiet, f"timing thread hops and point queries ({args.samples} each) ...")
-    report["timings"] = await _step(_timings(maker, engine, args.samples))
-    tasks = max(1, min(8, maker.limiter.total_tokens))
-    _progress(args.quiet, f"measuring event-loop lag under {tasks} concurrent tasks ...")
-    report["loop_lag"] = await _step(
-        _loop_lag(maker, engine, int(tasks), max(5, args.samples // 8))
-    )
-    return report
-
-
-async def _step(measurement: Awaitable[dict[str, Any]]) -> dict[str, Any]:
-    """A measurement's result, or ``{"error": ...}``: one failed step spoils no other."""
-    try:
-        return await measurement
-    except Exception as exc:  # e.g. the server refusing the n-th concurrent connection
-        return {"error": _first_line(exc)}
 
 
 # -- advice and output ---------------------------------------------------------------------
 
 
-def _recommendations(report: dict[str, Any], engine: Engine) -> list[str]:
+def _recommendations(report: dict[str, Any], journal_mode: str | None) -> list[str]:
+    """What to do about the report; ``journal_mode`` is a SQLite file's (else ``None``)."""
     advice: list[str] = []
     limiter, pool = report["limiter"], report["pool"]
     if limiter["error"]:
@@ -495,15 +122,12 @@ def _recommendations(report: dict[str, Any], engine: Engine) -> list[str]:
             "the event loop or the GIL (CPU-heavy work, a sync call on the loop, a driver that "
             "keeps the GIL while it waits); on a busy machine run doctor again to be sure."
         )
-    if report["dialect"] == "sqlite" and engine.url.database not in (None, "", ":memory:"):
-        with engine.connect() as conn:
-            mode = conn.exec_driver_sql("PRAGMA journal_mode").scalar()
-        if str(mode).lower() != "wal":
-            advice.append(
-                f"SQLite journal_mode is {mode}: with concurrent sessions enable WAL and a busy "
-                "timeout on connect (PRAGMA journal_mode=WAL; PRAGMA busy_timeout=5000), or "
-                "writers fail with 'database is locked'."
-            )
+    if journal_mode is not None and journal_mode.lower() != "wal":
+        advice.append(
+            f"SQLite journal_mode is {journal_mode}: with concurrent sessions enable WAL and a "
+            "busy timeout on connect (PRAGMA journal_mode=WAL; PRAGMA busy_timeout=5000), or "
+            "writers fail with 'database is locked'."
+        )
     if report["dialect"] == "duckdb":
         advice.append(
             "DuckDB lets one process write: concurrent sessions writing the same rows fail "
@@ -646,16 +270,16 @@ def _table(report: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Examine ``args.url``; raise :class:`DoctorError` for anything that stops it early."""
-    _progress(args.quiet, f"connecting to {args.url_shown} ...")
+    progress(args.quiet, f"connecting to {args.url_shown} ...")
     engine = open_engine(args)
     try:
-        report = _facts(engine)
-        report["server_limits"] = _server_limits(engine)
-        maker, report["limiter"] = _limiter(engine)
+        report = engine_facts(engine)
+        report["server_limits"] = server_limits(engine)
+        maker, report["limiter"] = maker_for(engine)
         if maker is not None:
-            report.update(anyio.run(_measure, maker, engine, args, backend=args.backend))
+            report.update(anyio.run(measure, maker, engine, args, backend=args.backend))
         report["backend"] = args.backend
-        report["recommendations"] = _recommendations(report, engine)
+        report["recommendations"] = _recommendations(report, sqlite_journal_mode(engine))
     finally:
         engine.dispose()
     return report
@@ -691,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # one line for whatever else a driver may raise
-        print(f"error: {type(exc).__name__}: {_first_line(exc)}", file=sys.stderr)
+        print(f"error: {type(exc).__name__}: {first_line(exc)}", file=sys.stderr)
         return 1
     print(json.dumps(report, indent=2) if args.json else _table(report))
     return EXIT_REFUSED if report["limiter"]["error"] else 0

@@ -18,24 +18,15 @@ from typing import Literal
 
 import anyio
 
-from .._context import current_session
-from .._exceptions import NoSessionError
+from .._context import bound_session
 from .._maker import threadpool_sessionmaker
 from .._session import ThreadpoolSession, ThreadpoolSessionTransaction
 
-__all__ = ["CommitMode", "RequestUnit", "bound_session"]
+__all__ = ["CommitMode", "RequestUnit"]
 
 logger = logging.getLogger("sqlalchemy_threadpool.integrations")
 
 CommitMode = Literal["auto", "manual"]
-
-
-def bound_session() -> ThreadpoolSession | None:
-    """The session bound to the current context, or ``None``."""
-    try:
-        return current_session()
-    except NoSessionError:
-        return None
 
 
 def check_commit_mode(commit: str) -> None:

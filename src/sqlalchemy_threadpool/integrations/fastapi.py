@@ -30,7 +30,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends
 
-from .._context import bind_session, current_session
+from .._context import bind_session, bound_session
 from .._exceptions import NoSessionError
 from .._maker import threadpool_sessionmaker
 from .._session import ThreadpoolSession
@@ -41,15 +41,15 @@ __all__ = ["DBSession", "get_session", "session_dependency"]
 
 async def get_session() -> ThreadpoolSession:
     """The session :class:`SessionMiddleware` bound to this request."""
-    try:
-        return current_session()
-    except NoSessionError:
+    session = bound_session()
+    if session is None:
         raise NoSessionError(
             "No threadpool session is bound to this request. Add the middleware, "
             "`app.add_middleware(SessionMiddleware, sessionmaker=maker)` (from "
             "sqlalchemy_threadpool.integrations.asgi), or use a standalone dependency, "
             "`Annotated[ThreadpoolSession, session_dependency(maker)]`."
-        ) from None
+        )
+    return session
 
 
 DBSession = Annotated[ThreadpoolSession, Depends(get_session)]

@@ -38,7 +38,7 @@ from litestar.middleware import DefineMiddleware
 from litestar.plugins import InitPluginProtocol
 from sqlalchemy.engine import Engine
 
-from .._context import current_session
+from .._context import bound_session
 from .._exceptions import NoSessionError
 from .._maker import threadpool_sessionmaker
 from .._session import ThreadpoolSession
@@ -137,11 +137,11 @@ class ThreadpoolSessionPlugin(InitPluginProtocol):
 
 
 async def _provide_session() -> ThreadpoolSession:
-    try:
-        return current_session()
-    except NoSessionError:
+    session = bound_session()
+    if session is None:
         raise NoSessionError(
             "No threadpool session is bound to this request: the handler is outside the "
             "ThreadpoolSessionPlugin's middleware (e.g. a mounted ASGI app or a route "
             "excluded from middleware)."
-        ) from None
+        )
+    return session
