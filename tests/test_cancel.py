@@ -34,6 +34,7 @@ from models import User
 from sqlalchemy_threadpool import (
     ThreadpoolSessionError,
     TransactionInterruptedError,
+    shutdown,
     threadpool_session,
     threadpool_sessionmaker,
 )
@@ -479,6 +480,111 @@ async def test_a_statement_that_ignores_the_cancel_is_cut_after_the_cleanup_time
         if not busy_backends(other_engine):
             break
         await anyio.sleep(0.05)
+    assert_clean(engine, other_engine)
+
+
+# -- MySQL/MariaDB: the side connection of KILL QUERY -----------------------------------------
+
+
+def _connection_ids(observer: Engine) -> set[int]:
+    """The server's ids of every connection to the test database but the observer's own."""
+    query = text(
+        "SELECT id FROM information_schema.processlist "
+        "WHERE db = DATABASE() AND id <> CONNECTION_ID()"
+    )
+    with observer.connect() as conn:
+        return set(conn.scalars(query))
+
+
+async def _cancel_a_statement(maker: threadpool_sessionmaker, observer: Engine) -> SlowCall:
+    """Run a LONG statement in a session and cancel it once the server runs it."""
+    call = SlowCall(observer.dialect.name)
+    async with threadpool_session(maker) as sess:
+        async with cancelled_when_running(observer, call):
+            await sess.run(call)
+        await sess.rollback()
+    assert call.outcome == ["raised"]  # stopped on the server, not run to its end
+    return call
+
+
+async def _side_connection_of_a_cancel(
+    maker: threadpool_sessionmaker, observer: Engine
+) -> tuple[set[int], int]:
+    """Cancel a statement; return the connections open before, and the one the cancel left."""
+    async with threadpool_session(maker) as sess:
+        await sess.execute(text("SELECT 1"))  # the pool's connection exists before we look
+    before = _connection_ids(observer)
+    await _cancel_a_statement(maker, observer)
+    opened = _connection_ids(observer) - before
+    assert len(opened) == 1, f"the cancel left {opened or 'no'} connection(s) open"
+    return before, opened.pop()
+
+
+async def _wait_until_closed(observer: Engine, connection_id: int) -> bool:
+    for _ in range(500):
+        if connection_id not in _connection_ids(observer):
+            return True
+        await anyio.sleep(0.01)
+    return False
+
+
+@only_on("mysql")
+async def test_consecutive_cancels_share_one_side_connection(
+    engine: Engine, other_engine: Engine
+) -> None:
+    maker = threadpool_sessionmaker(engine)
+    before, side = await _side_connection_of_a_cancel(maker, other_engine)
+    await _cancel_a_statement(maker, other_engine)
+    assert _connection_ids(other_engine) == before | {side}  # the same one, no new one
+    assert_clean(engine, other_engine)
+
+
+@only_on("mysql")
+async def test_cancels_of_two_makers_share_the_engines_side_connection(
+    engine: Engine, other_engine: Engine
+) -> None:
+    before, side = await _side_connection_of_a_cancel(
+        threadpool_sessionmaker(engine), other_engine
+    )
+    await _cancel_a_statement(threadpool_sessionmaker(engine), other_engine)
+    assert _connection_ids(other_engine) == before | {side}
+    assert_clean(engine, other_engine)
+
+
+@only_on("mysql")
+async def test_a_side_connection_killed_from_outside_is_replaced(
+    engine: Engine, other_engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    maker = threadpool_sessionmaker(engine)
+    before, side = await _side_connection_of_a_cancel(maker, other_engine)
+    with other_engine.connect() as conn:
+        conn.execute(text(f"KILL {side}"))
+    assert await _wait_until_closed(other_engine, side), "KILL did not close it"
+    start = anyio.current_time()
+    with caplog.at_level(logging.DEBUG, logger="sqlalchemy_threadpool"):
+        await _cancel_a_statement(maker, other_engine)
+    assert anyio.current_time() - start < LONG - 10  # stopped, not run to its end
+    assert "side connection was lost; reconnecting" in caplog.text  # it met the dead one
+    assert "cancelling the statement in flight failed" not in caplog.text  # and went on
+    replacement = _connection_ids(other_engine) - before
+    assert len(replacement) == 1
+    assert side not in replacement
+    assert_clean(engine, other_engine)
+
+
+@only_on("mysql")
+@pytest.mark.parametrize("how", ["dispose", "shutdown"])
+async def test_disposing_the_engine_closes_the_side_connection(
+    engine: Engine, other_engine: Engine, how: str
+) -> None:
+    maker = threadpool_sessionmaker(engine)
+    _, side = await _side_connection_of_a_cancel(maker, other_engine)
+    if how == "dispose":
+        engine.dispose()
+    else:
+        await shutdown(engine)
+    assert await _wait_until_closed(other_engine, side), "the side connection is still open"
+    await _cancel_a_statement(maker, other_engine)  # the engine can still be used: a new one
     assert_clean(engine, other_engine)
 
 
