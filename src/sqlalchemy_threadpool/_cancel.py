@@ -22,7 +22,11 @@ offload path asks the database to stop the statement, then waits for the worker 
   (``engine_disposed``, hence by ``shutdown()`` too), and a forked child never uses its
   parent's: it forgets it without closing it, and opens its own;
 - sqlite3: ``Connection.interrupt()``, which is safe from any thread and a no-op when no
-  statement runs.
+  statement runs;
+- DuckDB (``duckdb-engine``): ``DuckDBPyConnection.interrupt()``, the same: it only sets the
+  connection's atomic "interrupted" flag, which the running query checks (DuckDB's own tests
+  call it from another thread); called while no statement runs, it does not stop the next
+  one (checked with duckdb 2.0.1).
 
 Each mechanism does nothing when no statement is running, so it never stops the *next* one.
 Drivers without a mechanism (``canceller_for`` returns ``None``) fall back to waiting.
@@ -150,7 +154,9 @@ class _Psycopg2Canceller:
         dbapi_connection.cancel()
 
 
-class _SqliteCanceller:
+class _InterruptCanceller:
+    """sqlite3 and DuckDB: the connection's own ``interrupt()``, safe from any thread."""
+
     def cancel(self, dbapi_connection: Any, info: dict[Any, Any]) -> None:
         dbapi_connection.interrupt()
 
@@ -336,8 +342,8 @@ def canceller_for(bind: Engine | Connection | None) -> StatementCanceller | None
     driver = engine.dialect.driver
     if driver == "psycopg2":
         return _Psycopg2Canceller()
-    if driver == "pysqlite":
-        return _SqliteCanceller()
+    if driver in ("pysqlite", "duckdb_engine"):
+        return _InterruptCanceller()
     if driver in ("pymysql", "mysqldb"):
         return _mysql_canceller(engine)
     return None
