@@ -12,15 +12,16 @@ offload path asks the database to stop the statement, then waits for the worker 
   connection is running right now, so a late kill can never stop a later statement; on MySQL
   ``KILL QUERY <thread id>``. Killing another user's query needs the ``CONNECTION ADMIN``
   privilege (MariaDB also ``SUPER``); a user may always kill the queries of its own
-  connections. There is one side connection per engine, opened by the first cancel (with
-  the ``SIDE_CONNECTION_TIMEOUT`` to connect and to answer) and reused by the next ones, one
-  at a time: a kill then costs two round trips instead of a new connection (tens of ms). A
-  reused side connection found dead (``KILL``, ``wait_timeout``, a server restart) is closed
-  and replaced once, and the kill retried on the new one; a cancel that would wait more than
-  ``_SIDE_LOCK_WAIT`` for another one (an unresponsive server) uses a connection of its own,
-  as if there were none to share. The side connection is closed when the engine is disposed
-  (``engine_disposed``, hence by ``shutdown()`` too), and a forked child never uses its
-  parent's: it forgets it without closing it, and opens its own;
+  connections. There is one side connection per engine, opened by the first cancel (with the
+  engine's own ``connect_timeout``; PyMySQL then waits ``SIDE_CONNECTION_TIMEOUT`` at most for
+  each answer) and reused by the next ones, one at a time: a kill then costs two round trips
+  instead of a new connection (tens of ms). A reused side connection found dead (``KILL``,
+  ``wait_timeout``, a server restart) is closed and replaced once, and the kill retried on the
+  new one; a cancel that would wait more than ``_SIDE_LOCK_WAIT`` for another one (an
+  unresponsive server) uses a connection of its own, as if there were none to share. The side
+  connection is closed when the engine is disposed (``engine_disposed``, hence by
+  ``shutdown()`` too), and a forked child never uses its parent's: it forgets it without
+  closing it, and opens its own;
 - sqlite3: ``Connection.interrupt()``, which is safe from any thread and a no-op when no
   statement runs;
 - DuckDB (``duckdb-engine``): ``DuckDBPyConnection.interrupt()``, the same: it only sets the
@@ -59,7 +60,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Seconds the side connection of ``KILL QUERY`` may take to connect and to answer.
+#: Seconds the side connection of ``KILL QUERY`` may take to answer (PyMySQL: its socket's
+#: timeout once connected; connecting is bounded by the engine's own ``connect_timeout``).
 SIDE_CONNECTION_TIMEOUT = 5
 
 #: The connections each of our sessions has used, recorded as they are checked out (in the
