@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 import threading
 import time
+import warnings
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
@@ -21,6 +23,7 @@ import anyio
 import pytest
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.orm import Session
+from sqlalchemy.pool import NullPool
 
 from helpers import (
     assert_clean,
@@ -34,9 +37,11 @@ from models import User
 from sqlalchemy_threadpool import (
     ThreadpoolSessionError,
     TransactionInterruptedError,
+    shutdown,
     threadpool_session,
     threadpool_sessionmaker,
 )
+from sqlalchemy_threadpool._cancel import canceller_for
 
 pytestmark = pytest.mark.anyio
 
@@ -480,6 +485,198 @@ async def test_a_statement_that_ignores_the_cancel_is_cut_after_the_cleanup_time
             break
         await anyio.sleep(0.05)
     assert_clean(engine, other_engine)
+
+
+# -- MySQL/MariaDB: the side connection of KILL QUERY -----------------------------------------
+
+
+def _connection_ids(observer: Engine) -> set[int]:
+    """The server's ids of every connection to the test database but the observer's own."""
+    query = text(
+        "SELECT id FROM information_schema.processlist "
+        "WHERE db = DATABASE() AND id <> CONNECTION_ID()"
+    )
+    with observer.connect() as conn:
+        return set(conn.scalars(query))
+
+
+async def _cancel_a_statement(maker: threadpool_sessionmaker, observer: Engine) -> SlowCall:
+    """Run a LONG statement in a session and cancel it once the server runs it."""
+    call = SlowCall(observer.dialect.name)
+    async with threadpool_session(maker) as sess:
+        async with cancelled_when_running(observer, call):
+            await sess.run(call)
+        await sess.rollback()
+    assert call.outcome == ["raised"]  # stopped on the server, not run to its end
+    return call
+
+
+async def _side_connection_of_a_cancel(
+    maker: threadpool_sessionmaker, observer: Engine
+) -> tuple[set[int], int]:
+    """Cancel a statement; return the connections open before, and the one the cancel left."""
+    async with threadpool_session(maker) as sess:
+        await sess.execute(text("SELECT 1"))  # the pool's connection exists before we look
+    before = _connection_ids(observer)
+    await _cancel_a_statement(maker, observer)
+    opened = _connection_ids(observer) - before
+    assert len(opened) == 1, f"the cancel left {opened or 'no'} connection(s) open"
+    return before, opened.pop()
+
+
+async def _wait_until_closed(observer: Engine, connection_id: int) -> bool:
+    for _ in range(500):
+        if connection_id not in _connection_ids(observer):
+            return True
+        await anyio.sleep(0.01)
+    return False
+
+
+@only_on("mysql")
+async def test_consecutive_cancels_share_one_side_connection(
+    engine: Engine, other_engine: Engine
+) -> None:
+    maker = threadpool_sessionmaker(engine)
+    before, side = await _side_connection_of_a_cancel(maker, other_engine)
+    await _cancel_a_statement(maker, other_engine)
+    assert _connection_ids(other_engine) == before | {side}  # the same one, no new one
+    assert_clean(engine, other_engine)
+
+
+@only_on("mysql")
+async def test_cancels_of_two_makers_share_the_engines_side_connection(
+    engine: Engine, other_engine: Engine
+) -> None:
+    before, side = await _side_connection_of_a_cancel(
+        threadpool_sessionmaker(engine), other_engine
+    )
+    await _cancel_a_statement(threadpool_sessionmaker(engine), other_engine)
+    assert _connection_ids(other_engine) == before | {side}
+    assert_clean(engine, other_engine)
+
+
+@only_on("mysql")
+async def test_a_side_connection_killed_from_outside_is_replaced(
+    engine: Engine, other_engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    maker = threadpool_sessionmaker(engine)
+    before, side = await _side_connection_of_a_cancel(maker, other_engine)
+    with other_engine.connect() as conn:
+        conn.execute(text(f"KILL {side}"))
+    assert await _wait_until_closed(other_engine, side), "KILL did not close it"
+    start = anyio.current_time()
+    with caplog.at_level(logging.DEBUG, logger="sqlalchemy_threadpool"):
+        await _cancel_a_statement(maker, other_engine)
+    assert anyio.current_time() - start < LONG - 10  # stopped, not run to its end
+    assert "side connection was lost; reconnecting" in caplog.text  # it met the dead one
+    assert "cancelling the statement in flight failed" not in caplog.text  # and went on
+    replacement = _connection_ids(other_engine) - before
+    assert len(replacement) == 1
+    assert side not in replacement
+    assert_clean(engine, other_engine)
+
+
+@only_on("mysql")
+@pytest.mark.parametrize("how", ["dispose", "shutdown"])
+async def test_disposing_the_engine_closes_the_side_connection(
+    engine: Engine, other_engine: Engine, how: str
+) -> None:
+    maker = threadpool_sessionmaker(engine)
+    _, side = await _side_connection_of_a_cancel(maker, other_engine)
+    if how == "dispose":
+        engine.dispose()
+    else:
+        await shutdown(engine)
+    assert await _wait_until_closed(other_engine, side), "the side connection is still open"
+    await _cancel_a_statement(maker, other_engine)  # the engine can still be used: a new one
+    assert_clean(engine, other_engine)
+
+
+@only_on("mysql")
+async def test_a_cancel_does_not_queue_behind_a_stuck_one(
+    engine: Engine, other_engine: Engine
+) -> None:
+    """The first cancel's side connection takes 4 s to open (an overloaded server): a second
+    session's cancel does not wait for it, it kills its statement over a connection of its own
+    (closed afterwards)."""
+    maker = threadpool_sessionmaker(engine)
+    slow_next_connect = threading.Event()
+
+    @event.listens_for(engine, "do_connect")
+    def slow_side_connection(*args: Any) -> None:
+        if slow_next_connect.is_set():
+            slow_next_connect.clear()  # only the first side connection is slow
+            time.sleep(4)
+
+    calls = {name: SlowCall("mysql") for name in ("stuck", "other")}
+    scopes = {name: anyio.CancelScope() for name in calls}
+    ended: list[str] = []
+
+    async def request(name: str) -> None:
+        with scopes[name]:
+            async with threadpool_session(maker) as sess:
+                await sess.run(calls[name])
+        ended.append(name)
+
+    async with anyio.create_task_group() as group:
+        for name in calls:
+            group.start_soon(request, name)
+        for call in calls.values():
+            assert await anyio.to_thread.run_sync(call.started.wait, 10)
+        for _ in range(1000):  # both statements run on the server
+            if sum("sleep" in row.lower() for row in busy_backends(other_engine)) >= 2:
+                break
+            await anyio.sleep(0.01)
+        before = _connection_ids(other_engine)
+        slow_next_connect.set()
+        scopes["stuck"].cancel()
+        await anyio.sleep(0.2)  # its cancel now holds the side connection's lock
+        scopes["other"].cancel()
+    assert ended == ["other", "stuck"]
+    assert [call.outcome for call in calls.values()] == [["raised"], ["raised"]]
+    opened = _connection_ids(other_engine) - before
+    assert len(opened) == 1  # the shared one, once it opened; the other one's is closed
+    assert_clean(engine, other_engine)
+
+
+@only_on("mysql")
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_never_uses_the_parents_side_connection(
+    engine: Engine, other_engine: Engine
+) -> None:
+    """A cancel in a forked child opens a side connection of its own; the parent's stays
+    open, untouched, and is still the one the parent's next cancel uses."""
+    canceller = canceller_for(engine)
+    assert canceller is not None
+    with engine.connect() as conn:  # a connection that runs nothing: each kill is a no-op
+        dbapi = conn.connection.dbapi_connection
+        assert dbapi is not None
+        target = {"sqlalchemy_threadpool.thread_id": dbapi.thread_id()}
+        before = _connection_ids(other_engine)
+        canceller.cancel(dbapi, target)
+        parents = _connection_ids(other_engine) - before
+        assert len(parents) == 1
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # 3.12+: fork with threads
+            pid = os.fork()
+        if pid == 0:  # the child: only plain calls, then _exit
+            code = 1
+            try:
+                observer = create_engine(other_engine.url, poolclass=NullPool)
+                seen = _connection_ids(observer)
+                canceller.cancel(dbapi, target)
+                code = 0 if len(_connection_ids(observer) - seen) == 1 else 2
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0  # the child opened a connection
+        time.sleep(0.2)  # let the server drop the child's connection
+        assert parents <= _connection_ids(other_engine)  # the child did not close ours
+        after_child = _connection_ids(other_engine)
+        canceller.cancel(dbapi, target)  # ours still works, with no new connection
+        assert _connection_ids(other_engine) == after_child
+    engine.dispose()
+    assert not parents & _connection_ids(other_engine)
 
 
 # -- cancel during commit ------------------------------------------------------------------

@@ -161,9 +161,9 @@ def test_duckdb_file(capsys: pytest.CaptureFixture[str], tmp_path: Path, backend
     assert report["dbapi"]["module"] == "duckdb"
     assert report["server_version"] != "8.0"  # duckdb's version, not the PostgreSQL it mimics
     assert report["limiter"]["follows_pool"] is True
-    assert report["cancel"] == {"mechanism": False, "tested": False, "works": None}
+    assert report["cancel"] == {"mechanism": True, "tested": False, "works": None}  # interrupt()
     assert report["server_limits"] is None
-    assert any("No server-side cancel" in item for item in report["recommendations"])
+    assert not any("No server-side cancel" in item for item in report["recommendations"])
     assert any("DuckDB lets one process write" in item for item in report["recommendations"])
 
 

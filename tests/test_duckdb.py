@@ -185,3 +185,35 @@ def test_private_in_memory_databases_are_refused(url: str) -> None:
             threadpool_sessionmaker(engine)
     finally:
         engine.dispose()
+
+
+async def test_a_long_query_is_interrupted_by_a_timeout(duck: Engine) -> None:
+    """``interrupt()`` from a helper thread stops the query; the unit of work is rolled back."""
+    maker = threadpool_sessionmaker(duck)
+    endless = text("SELECT count(*) FROM range(100000000000) t(x) WHERE x % 7 = 3")  # minutes
+    outcome: list[str] = []
+
+    def long_query(session: Session) -> None:
+        try:
+            session.execute(endless)
+        except Exception as exc:
+            outcome.append(type(exc.__cause__ or exc).__name__)
+            raise
+        outcome.append("returned")
+
+    start = anyio.current_time()
+    with pytest.raises(TimeoutError):
+        with anyio.fail_after(0.5):
+            async with threadpool_session(maker) as sess:
+                sess.add(Author(id=1, name="ada"))
+                await sess.flush()
+                await sess.run(long_query)
+    assert anyio.current_time() - start < 10  # the query alone runs for minutes
+    assert outcome == ["InterruptException"]  # stopped by interrupt(), not run to its end
+    assert _names(duck) == set()  # rolled back
+    assert duck.pool.checkedout() == 0  # type: ignore[attr-defined]
+    async with threadpool_session(maker) as sess:  # the connection went back clean
+        assert await sess.scalar(text("SELECT 42")) == 42
+        sess.add(Author(id=2, name="bob"))
+    assert _names(duck) == {"bob"}
+    assert duck.pool.checkedout() == 0  # type: ignore[attr-defined]

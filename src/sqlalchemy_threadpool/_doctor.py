@@ -146,7 +146,7 @@ def _limit_advice(report: dict[str, Any]) -> list[str]:
     if not known:
         return []
     allowed = min(known)
-    # KILL QUERY opens one connection more than the pool while it cancels.
+    # KILL QUERY keeps one connection more than the pool, from the first cancel on.
     side = (
         1
         if report["dialect"] in ("mysql", "mariadb") and report.get("cancel", {}).get("mechanism")

@@ -59,7 +59,7 @@ class threadpool_sessionmaker:
         (30 s unless configured), ``None`` waits forever.
     :param cancel_statements: when an awaiting task is cancelled or times out, ask the database
         to stop the statement in flight (psycopg2 ``cancel()``, MySQL/MariaDB ``KILL QUERY``,
-        sqlite3 ``interrupt()``). Default ``True``. See the cancellation docs.
+        sqlite3 and DuckDB ``interrupt()``). Default ``True``. See the cancellation docs.
     :param cleanup_timeout: seconds an interrupted call may take to stop its statement, and
         then to roll back, before the connection is cut and invalidated. Default 5.
     :param offload: how calls reach a thread. ``"worker"`` (default): an admitted session has
