@@ -33,15 +33,13 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import anyio  # noqa: E402
-
-import bench  # noqa: E402  (the workloads, variants and fixture of bench/bench.py)
+import anyio
+import bench
 
 
 def _schedstat_ns(path: str) -> int:
@@ -191,22 +189,26 @@ def main() -> None:
                 for name, variant in variants.items():
                     fixture.reset("W23")
                     prof = cProfile.Profile() if args.cprofile else None
-                    measure: Callable[[], Split]
                     if args.workload == "W2":
                         split = w2(variant, args.requests, args.tasks, args.database, prof)
                     else:
                         split = w1(variant, args.requests, args.database, prof)
                     n = args.requests
                     rows[name].append(
-                        (n / split.wall, split.loop / n / 1e3, split.others / n / 1e3,
-                         split.server / n / 1e3)
+                        (
+                            n / split.wall,
+                            split.loop / n / 1e3,
+                            split.others / n / 1e3,
+                            split.server / n / 1e3,
+                        )
                     )
                     if prof is not None:
                         profiles[name] = prof
             print(f"| variant | {unit}s/s | loop thread | other threads | server | process |")
             print("|---|---|---|---|---|---|")
             for name, samples in rows.items():
-                rate, loop, others, server = (statistics.median(c) for c in zip(*samples))
+                columns = zip(*samples, strict=True)
+                rate, loop, others, server = (statistics.median(c) for c in columns)
                 print(
                     f"| {name} | {rate:.0f} | {loop:.0f} | {others:.0f} | {server:.0f} "
                     f"| {loop + others:.0f} |"
