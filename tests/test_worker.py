@@ -585,7 +585,7 @@ async def test_only_a_lone_call_hands_the_gil_over_with_its_wake_up(
         keeping.append(len(_worker._in_flight))
         keep_write(fd)
 
-    monkeypatch.setattr(_worker.os, "eventfd_write", spy_os_write)
+    monkeypatch.setattr(os, "eventfd_write", spy_os_write)
     monkeypatch.setattr(_worker, "_write_keeping_gil", spy_keep_write)
     maker = threadpool_sessionmaker(sqlite_engine, worker_idle_timeout=LONG_IDLE)
     async with maker() as sess:
