@@ -6,9 +6,10 @@ shared queue of worker threads. A session that holds a connection runs its calls
 so it can instead *own* one thread for as long as it is admitted (the aiosqlite shape): then a
 call is a job appended to that thread's queue plus a raw-lock release to wake it, and the answer
 comes back by the event loop's own thread-safe wake-up: a per-loop ``eventfd`` reader on
-asyncio (``call_soon_threadsafe`` where there is none), the awaiting task's own ``eventfd``
-on trio (a trio token's ``run_sync_soon`` and ``reschedule`` for a second waiter). Owning the
-thread also gives thread affinity, which drivers that insist on one thread per connection need.
+asyncio (``call_soon_threadsafe`` where there is none); on trio, the awaiting task's own
+``eventfd`` for a call alone in flight, else a trio token's ``run_sync_soon`` and
+``reschedule``. Owning the thread also gives thread affinity, which drivers that insist on one
+thread per connection need.
 
 **The GIL and the event-loop thread.** Every ``os`` syscall releases the GIL, and a thread that
 wants it back while another runs Python waits until that one blocks or the interpreter's switch
@@ -183,9 +184,11 @@ class Worker:
 
     async def _wait_trio(self, job: _Job) -> None:
         trio = sys.modules["trio"]
-        if _EVENTFD and not self._fd_waiter:
-            # The task waits for the thread's eventfd itself: the I/O manager wakes it directly,
-            # without a trip through trio's run_sync_soon queue and its system task.
+        if _EVENTFD and not self._fd_waiter and len(_in_flight) == 1:
+            # Alone in flight, the task waits for the thread's eventfd itself: the I/O manager
+            # wakes it directly, without a trip through trio's run_sync_soon queue and its
+            # system task. Not under concurrency: registering the fd with trio's epoll
+            # (``epoll_ctl``) releases the GIL on the loop thread (module docstring).
             fd = self._fd
             if fd is None:
                 fd = self._fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
