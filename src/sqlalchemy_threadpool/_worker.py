@@ -4,7 +4,7 @@
 round the event loop, opens a cancel scope, takes a limiter token, and goes through anyio's
 shared queue of worker threads. A session that holds a connection runs its calls one at a time,
 so it can instead *own* one thread for as long as it is admitted (the aiosqlite shape): then a
-call is a job appended to that thread's queue plus a raw-lock release to wake it, and the answer
+call is a job appended to that thread's queue plus a wake-up of the thread, and the answer
 comes back by the event loop's own thread-safe wake-up: a per-loop ``eventfd`` reader on
 asyncio (``call_soon_threadsafe`` where there is none); on trio, the awaiting task's own
 ``eventfd`` for a call alone in flight, else a trio token's ``run_sync_soon`` and
