@@ -56,7 +56,7 @@ from sqlalchemy_threadpool import (
     threadpool_session,
     threadpool_sessionmaker,
 )
-from sqlalchemy_threadpool._offload import admitted_offloaders
+from sqlalchemy_threadpool._admission import admitted_offloaders
 
 OPS = {  # name: weight
     "commit": 35,

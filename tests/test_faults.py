@@ -34,7 +34,7 @@ from helpers import checked_out, slow_statement, user_names
 from models import User
 from servers import ServerError, ThrowawayServer, free_port, start_server
 from sqlalchemy_threadpool import threadpool_session, threadpool_sessionmaker
-from sqlalchemy_threadpool._offload import admitted_offloaders
+from sqlalchemy_threadpool._admission import admitted_offloaders
 
 pytestmark = pytest.mark.anyio
 
@@ -81,7 +81,7 @@ def threads_inside_a_session() -> list[str]:
         stack = frame if ident != threading.get_ident() else None
         while stack is not None:
             code = stack.f_code
-            if code.co_name == "run" and code.co_filename.endswith("_offload.py"):
+            if code.co_name == "run" and code.co_filename.endswith("_calls.py"):
                 inside.append(str(ident))
                 break
             stack = stack.f_back

@@ -33,7 +33,7 @@ from sqlalchemy_threadpool import (
     threadpool_session,
     threadpool_sessionmaker,
 )
-from sqlalchemy_threadpool._offload import admitted_offloaders
+from sqlalchemy_threadpool._admission import admitted_offloaders
 
 _SELECTED = [
     name.strip() for name in os.environ.get("SATP_TEST_DATABASES", "").split(",") if name.strip()

@@ -31,8 +31,8 @@ from sqlalchemy_threadpool import (
     threadpool_session,
     threadpool_sessionmaker,
 )
+from sqlalchemy_threadpool._calls import WorkerCall
 from sqlalchemy_threadpool._guard import _allowed
-from sqlalchemy_threadpool._offload import _WorkerCall
 from sqlalchemy_threadpool._worker import WorkerPool, worker_pool
 
 pytestmark = pytest.mark.anyio
@@ -302,8 +302,8 @@ async def test_a_queued_job_abandoned_before_the_thread_takes_it_never_runs() ->
     pool, owner = WorkerPool(SHORT_IDLE), Owner()
     worker = pool.acquire(owner)
     release, ran = threading.Event(), []
-    first = _WorkerCall(lambda: release.wait(EVENTUALLY))
-    second = _WorkerCall(lambda: ran.append("second"))
+    first = WorkerCall(lambda: release.wait(EVENTUALLY))
+    second = WorkerCall(lambda: ran.append("second"))
     async with anyio.create_task_group() as group:
         group.start_soon(worker.call, first.run)
         assert await anyio.to_thread.run_sync(_wait_until, lambda: first.started)

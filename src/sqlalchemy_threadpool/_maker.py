@@ -26,10 +26,11 @@ from sqlalchemy.pool import (
     StaticPool,
 )
 
+from ._calls import install_offload_events
 from ._cancel import canceller_for
 from ._exceptions import ConfigurationError, ConfigurationWarning
 from ._guard import GuardMode, install_guard
-from ._offload import CLEANUP_TIMEOUT, Offloader, install_offload_events
+from ._offload import CLEANUP_TIMEOUT, Offloader
 from ._session import ThreadpoolSession
 from ._worker import IDLE_TIMEOUT, WorkerPool, worker_pool
 

@@ -5,7 +5,9 @@ Every IO call of a :class:`~sqlalchemy_threadpool.ThreadpoolSession` goes throug
 module starts session work in a thread. The thread is, by default (``offload="worker"``), one
 lent to the session by a :class:`~._worker.WorkerPool` for as long as it is admitted; with
 ``offload="anyio"`` each call takes one of :func:`anyio.to_thread.run_sync`'s. One
-``Offloader`` belongs to one session and enforces, in this order:
+``Offloader`` belongs to one session (the call handed to a thread, its handshake and the
+SQLAlchemy events it records are :mod:`._calls`; the limiter-token bookkeeping is
+:mod:`._admission`) and enforces, in this order:
 
 1. **Scope and ownership**: a session whose scope has ended raises
    :class:`SessionClosedError` at once; a ``strict`` session used from a task other than its
@@ -32,25 +34,23 @@ lent to the session by a :class:`~._worker.WorkerPool` for as long as it is admi
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
-import threading
 import weakref
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
-from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
-from ._cancel import cancel_statements, session_connections, sever, track_connections
+from ._admission import Ticket, admitted, loop_scheduler, release_lost
+from ._calls import WorkerCall, discard_session, to_the_end
+from ._cancel import cancel_statements, session_connections, sever
 from ._exceptions import (
     AdmissionTimeoutError,
     SessionClosedError,
     SessionOwnershipError,
-    ThreadpoolSessionError,
     TransactionInterruptedError,
 )
 
@@ -58,7 +58,7 @@ if TYPE_CHECKING:
     from ._cancel import StatementCanceller
     from ._worker import Worker, WorkerPool
 
-__all__ = ["Offloader", "admitted_offloaders", "discard_session", "install_offload_events"]
+__all__ = ["CLEANUP_TIMEOUT", "Offloader"]
 
 logger = logging.getLogger(__name__)
 
@@ -72,205 +72,6 @@ _SHUTDOWN = "shutdown() stopped its call in flight"
 
 #: First pause between two cancel requests while an interrupted worker is still inside.
 _FIRST_RECANCEL_PAUSE = 0.05
-
-#: The call each worker thread is running (set by ``_WorkerCall.run``), read by the SQLAlchemy
-#: event listeners below, which fire in that same thread.
-_local = threading.local()
-
-#: Admitted sessions (they may hold a connection), for ``shutdown()``.
-_admitted: weakref.WeakSet[Offloader] = weakref.WeakSet()
-
-
-class _CallAbandoned(ThreadpoolSessionError):
-    """Raised inside an abandoned callable that tries to start another statement."""
-
-
-class _WorkerCall:
-    """One callable handed to a worker thread, with the start/finish handshake.
-
-    The lock makes "has it started?" and "abandon it" one atomic decision, so a call that the
-    event loop gave up on before a thread picked it up is never run.
-    """
-
-    __slots__ = (
-        "_finished",
-        "_fn",
-        "_lock",
-        "abandoned",
-        "aborted",
-        "committed",
-        "committing",
-        "done",
-        "error",
-        "started",
-    )
-
-    def __init__(self, fn: Callable[[], Any]) -> None:
-        self._fn = fn
-        self._lock = threading.Lock()
-        self.abandoned = False  # given up on: it may not start, nor start another statement
-        self.aborted = False  # shutdown() gave up on it
-        self.started = False
-        self.committing = False  # a root Session.commit() began in it
-        self.committed = False  # ... and the database committed
-        self.error: BaseException | None = None
-        self.done = False  # it started and has left
-        self._finished: threading.Event | None = None  # made on demand: most calls never wait
-
-    @property
-    def finished(self) -> threading.Event:
-        """Set once the call started and has left (waiting for it is the rare, slow path)."""
-        event = self._finished
-        if event is None:
-            with self._lock:
-                if self._finished is None:
-                    self._finished = threading.Event()
-                    if self.done:
-                        self._finished.set()
-                event = self._finished
-        return event
-
-    def run(self) -> Any:
-        with self._lock:
-            if self.abandoned:
-                return None
-            self.started = True
-        outer = getattr(_local, "call", None)
-        _local.call = self
-        try:
-            return self._fn()
-        except BaseException as exc:
-            self.error = exc
-            raise
-        finally:
-            _local.call = outer
-            with self._lock:
-                self.done = True
-                event = self._finished
-            if event is not None:
-                event.set()
-
-    def abandon(self) -> bool:
-        """Stop the call from starting; return whether it had already started."""
-        with self._lock:
-            self.abandoned = True
-            return self.started
-
-
-# -- SQLAlchemy events, installed on the makers' sessionmakers --------------------------
-
-_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
-_engines_lock = threading.Lock()
-
-
-def install_offload_events(maker: sessionmaker[Any]) -> None:
-    """Let the offload path see the connections and commits of the sessions ``maker`` makes."""
-    event.listen(maker, "after_begin", _after_begin)
-    event.listen(maker, "before_commit", _before_commit)
-    event.listen(maker, "after_commit", _after_commit)
-
-
-def _after_begin(session: Session, transaction: Any, connection: Connection) -> None:
-    track_connections(session, transaction, connection)
-    engine = connection.engine
-    if engine not in _engines:
-        with _engines_lock:
-            if engine not in _engines:
-                event.listen(engine, "before_cursor_execute", _refuse_if_abandoned)
-                _engines.add(engine)
-
-
-def _refuse_if_abandoned(conn: Connection, *args: Any) -> None:
-    call: _WorkerCall | None = getattr(_local, "call", None)
-    if call is not None and call.abandoned:
-        raise _CallAbandoned(
-            "The task awaiting this call was cancelled (or shutdown() stopped it) while it ran "
-            "in a worker thread; its transaction is being rolled back, so it may not start "
-            "another statement."
-        )
-
-
-def _before_commit(session: Session) -> None:
-    call: _WorkerCall | None = getattr(_local, "call", None)
-    if call is not None and not session.in_nested_transaction():
-        call.committing = True
-
-
-def _after_commit(session: Session) -> None:
-    call: _WorkerCall | None = getattr(_local, "call", None)
-    if call is not None and call.committing:
-        call.committed = True
-
-
-def discard_session(session: Session, invalidate: bool) -> None:
-    """Roll back and close (in a worker); invalidate the connection instead if that fails."""
-    if not invalidate:
-        try:
-            session.rollback()
-            session.close()
-            return
-        except Exception:
-            logger.warning(
-                "rolling back failed; invalidating the session's connection instead of "
-                "returning it to the pool",
-                exc_info=True,
-            )
-    try:
-        session.invalidate()
-    except Exception:
-        logger.warning("invalidating the session's connection failed", exc_info=True)
-
-
-def admitted_offloaders(engine: Engine) -> list[Offloader]:
-    """The admitted sessions (those that may hold a connection) that use ``engine``."""
-    return [offloader for offloader in list(_admitted) if offloader.uses(engine)]
-
-
-class _Ticket:
-    """What an admitted session borrows the maker's limiter token on behalf of.
-
-    Not the :class:`Offloader` itself: the limiter keeps its borrowers, and a session that was
-    dropped without being closed must stay collectable, so that its connection goes back to the
-    pool and :func:`_release_lost` gives its token back instead of losing it for good.
-    """
-
-    __slots__ = ("__weakref__", "held", "limiter", "schedule")
-
-    def __init__(self, limiter: anyio.CapacityLimiter) -> None:
-        self.limiter = limiter
-        self.held = False
-        #: The event loop's thread-safe "call soon", set at the first admission.
-        self.schedule: Callable[..., object] | None = None
-
-
-def _loop_scheduler() -> Callable[..., object]:
-    """The running event loop's thread-safe way to run a callback soon (asyncio or trio)."""
-    try:
-        return asyncio.get_running_loop().call_soon_threadsafe
-    except RuntimeError:  # not asyncio: anyio's only other backend
-        import trio
-
-        return trio.lowlevel.current_trio_token().run_sync_soon
-
-
-def _release_lost(ticket: _Ticket) -> None:
-    """Finalizer of an Offloader: give back the token of a session dropped while admitted.
-
-    Runs wherever the garbage collector ran; the release itself is handed to the loop.
-    """
-    if not ticket.held or ticket.schedule is None:
-        return
-    ticket.held = False
-    try:
-        ticket.schedule(ticket.limiter.release_on_behalf_of, ticket)
-    except RuntimeError:  # the loop has closed: its limiter is gone with it
-        return
-    logger.warning(
-        "a ThreadpoolSession was garbage-collected while it held a transaction; its "
-        "transaction was lost and its connection capacity given back. End every session: "
-        "`async with maker() as sess:`, `async with threadpool_session(...)`, or "
-        "`await sess.close()`"
-    )
 
 
 class Offloader:
@@ -324,10 +125,10 @@ class Offloader:
         #: The thread lent to this session while it is admitted (``workers`` only).
         self._worker: Worker | None = None
         self._admitted = False
-        self._ticket: _Ticket | None = None
+        self._ticket: Ticket | None = None
         self._closed_reason: str | None = None
         self._failure: str | None = None
-        self._current: _WorkerCall | None = None
+        self._current: WorkerCall | None = None
 
     # -- scope, ownership, failure -----------------------------------------------------
 
@@ -414,7 +215,7 @@ class Offloader:
         committed: with ``commit=True`` it raises :class:`TransactionInterruptedError`.
         Cleanup is never refused, not even to a non-owner task.
         """
-        await _to_the_end(self._finish(commit=commit))
+        await to_the_end(self._finish(commit=commit))
 
     async def _finish(self, *, commit: bool) -> None:
         async with self._lock:
@@ -433,9 +234,9 @@ class Offloader:
     async def _admit(self) -> None:
         ticket = self._ticket
         if ticket is None:
-            ticket = self._ticket = _Ticket(self._limiter)
-            ticket.schedule = _loop_scheduler()
-            finalizer = weakref.finalize(self, _release_lost, ticket)
+            ticket = self._ticket = Ticket(self._limiter)
+            ticket.schedule = loop_scheduler()
+            finalizer = weakref.finalize(self, release_lost, ticket)
             finalizer.atexit = False
         try:  # capacity free and nobody queued: no trip round the loop, no cancel scope
             self._limiter.acquire_on_behalf_of_nowait(ticket)
@@ -443,13 +244,13 @@ class Offloader:
             pass
         else:
             self._admitted = ticket.held = True
-            _admitted.add(self)
+            admitted.add(self)
             return
         deadline = math.inf if self._admission_timeout is None else self._admission_timeout
         with anyio.move_on_after(deadline) as scope:
             await self._limiter.acquire_on_behalf_of(ticket)
             self._admitted = ticket.held = True
-            _admitted.add(self)
+            admitted.add(self)
         if scope.cancelled_caught:
             raise AdmissionTimeoutError(
                 f"No database connection became free within {self._admission_timeout:g} s: all "
@@ -463,7 +264,7 @@ class Offloader:
             return
         if self._admitted:
             self._admitted = False
-            _admitted.discard(self)
+            admitted.discard(self)
             ticket = self._ticket
             assert ticket is not None
             ticket.held = False
@@ -487,7 +288,7 @@ class Offloader:
             threads = self._threads = anyio.CapacityLimiter(math.inf)
         return threads
 
-    async def _run(self, work: _WorkerCall) -> Any:
+    async def _run(self, work: WorkerCall) -> Any:
         """Hand ``work`` to a worker thread and await it; cancellable at once."""
         if self._workers is None:
             return await anyio.to_thread.run_sync(
@@ -498,7 +299,7 @@ class Offloader:
             worker = self._worker = self._workers.acquire(self)
         return await worker.call(work.run)
 
-    async def _wait(self, work: _WorkerCall, seconds: float | None) -> bool:
+    async def _wait(self, work: WorkerCall, seconds: float | None) -> bool:
         """Wait (in a helper thread) until a started ``work`` has left; ``False`` if it has
         not within ``seconds``. Abandoned at once if cancelled (by ``shutdown()``'s limit)."""
         if work.finished.is_set():
@@ -508,7 +309,7 @@ class Offloader:
         )
 
     async def _dispatch(self, fn: Callable[[], Any]) -> Any:
-        work = _WorkerCall(fn)
+        work = WorkerCall(fn)
         self._current = work
         try:
             try:
@@ -517,18 +318,18 @@ class Offloader:
                 own = exc is work.error
                 if own and isinstance(exc, Exception) and not work.aborted:
                     raise  # the database's (or the callable's) own error: unchanged
-                await _to_the_end(self._interrupted(work, exc, own))
+                await to_the_end(self._interrupted(work, exc, own))
                 if own and work.aborted and isinstance(exc, Exception):
                     self.check_usable()  # raises, chained to the driver's "cancelled" error
                 raise
             if work.aborted:
-                await _to_the_end(self._fail(work, _SHUTDOWN, invalidate=False))
+                await to_the_end(self._fail(work, _SHUTDOWN, invalidate=False))
                 self.check_usable()
             return value
         finally:
             self._current = None
 
-    async def _interrupted(self, work: _WorkerCall, exc: BaseException, own: bool) -> None:
+    async def _interrupted(self, work: WorkerCall, exc: BaseException, own: bool) -> None:
         """Stop and fail a call that ``exc`` interrupted (``own``: raised by the worker)."""
         if own and work.aborted:
             await self._fail(work, _SHUTDOWN, invalidate=False)
@@ -540,7 +341,7 @@ class Offloader:
             what = f"a call was interrupted by {type(exc).__name__} while it ran"
             await self._fail(work, what, invalidate=False)
 
-    async def _stop(self, work: _WorkerCall, sever_at: float | None = None) -> None:
+    async def _stop(self, work: WorkerCall, sever_at: float | None = None) -> None:
         """Make an interrupted worker leave: cancel its statement until it does; shielded."""
         if self._canceller is None:  # no mechanism, or cancel_statements=False: wait, but
             if sever_at is not None:  # shutdown() cuts the connection at its deadline
@@ -575,7 +376,7 @@ class Offloader:
             await self._wait(work, min(pause, remaining))
             pause = min(pause * 2, 1.0)
 
-    async def _fail(self, work: _WorkerCall, what: str, *, invalidate: bool) -> None:
+    async def _fail(self, work: WorkerCall, what: str, *, invalidate: bool) -> None:
         """Mark the unit of work failed, then roll back and close it; shielded."""
         if work.committing and work.committed:
             outcome = "its COMMIT had reached the database, so the transaction IS committed"
@@ -605,7 +406,7 @@ class Offloader:
         if not invalidate and not session.in_transaction():
             session.close()  # no transaction, so no connection: no IO
             return
-        work = _WorkerCall(lambda: discard_session(session, invalidate))
+        work = WorkerCall(lambda: discard_session(session, invalidate))
         with anyio.move_on_after(self._cleanup_timeout):
             await self._run(work)
             return
@@ -644,48 +445,6 @@ class Offloader:
             if self.session.in_transaction():
                 await self._cleanup(invalidate=False)
             self._release_if_idle()
-
-
-async def _to_the_end(step: Coroutine[Any, Any, T]) -> T:
-    """Await a cleanup ``step`` to its end, whatever cancels the calling task meanwhile.
-
-    ``anyio.CancelScope(shield=True)`` stops cancel scopes, but not asyncio's own
-    ``Task.cancel()`` (which servers, ``asyncio.timeout()`` and ``wait_for()`` use): a second
-    one arriving during the cleanup of the first would end the wait while the worker is still
-    inside the session. So while the calling asyncio task is being cancelled the step runs in
-    a task of its own; a further native cancellation of the caller only makes it wait again,
-    and is re-raised once the step is done. (Otherwise the step is awaited directly, saving a
-    task per scope on the common path: a first cancellation of one of its calls is handled
-    by ``_dispatch``, which comes back here.) Trio has no cancellation but cancel scopes, so
-    the shield is enough there.
-    """
-    with anyio.CancelScope(shield=True):
-        if not _being_cancelled():
-            return await step
-        task = asyncio.ensure_future(step)
-        cancelled: asyncio.CancelledError | None = None
-        while True:
-            try:
-                await asyncio.shield(task)
-                break
-            except asyncio.CancelledError as exc:
-                if task.cancelled():
-                    raise
-                cancelled = exc  # the caller's, not the step's: wait for the step again
-            except BaseException:
-                break  # the step's own error: re-raised below, unless a cancellation is
-    if cancelled is not None:  # a cleanup error never replaces a cancellation
-        raise cancelled from task.exception()
-    return task.result()
-
-
-def _being_cancelled() -> bool:
-    """Whether the current asyncio task has a cancellation in progress (Python 3.10 cannot
-    tell: always ``True`` there); ``False`` outside asyncio."""
-    if asyncio._get_running_loop() is None:
-        return False
-    cancelling = getattr(asyncio.current_task(), "cancelling", None)
-    return cancelling is None or cancelling() > 0
 
 
 def _current_task() -> tuple[int, str] | None:

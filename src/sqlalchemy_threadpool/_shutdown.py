@@ -14,8 +14,8 @@ import logging
 import anyio
 from sqlalchemy.engine import Engine
 
+from ._admission import admitted_offloaders
 from ._maker import engine_of, threadpool_sessionmaker
-from ._offload import admitted_offloaders
 from ._worker import stop_idle_workers
 
 __all__ = ["shutdown"]
