@@ -34,11 +34,9 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import anyio
 import bench
 
 
@@ -76,19 +74,25 @@ def server_cpu_ns(database: str) -> int:
 
 
 class Split:
-    """CPU of the loop thread, the other threads and the server over one measured stretch."""
+    """CPU of the loop thread, the other threads and the server over one measured stretch,
+    with ``profile`` (if any) enabled for the stretch: it sees only the thread it runs in."""
 
-    def __init__(self, database: str) -> None:
+    def __init__(self, database: str, profile: cProfile.Profile | None) -> None:
         self.database = database
+        self.profile = profile
         self.loop_tid = threading.get_native_id()
 
     def __enter__(self) -> Split:
         self.wall = time.perf_counter()
         self.threads = thread_cpu_ns()
         self.server = server_cpu_ns(self.database)
+        if self.profile is not None:
+            self.profile.enable()
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if self.profile is not None:
+            self.profile.disable()
         self.wall = time.perf_counter() - self.wall
         after = thread_cpu_ns()
         self.server = server_cpu_ns(self.database) - self.server
@@ -98,35 +102,24 @@ class Split:
         )
 
 
-def w2(variant: bench.Variant, requests: int, tasks: int, database: str, prof: Any) -> Split:
-    split = Split(database)
+def w2(variant: bench.Variant, requests: int, tasks: int, split: Split) -> None:
     if isinstance(variant, bench.RawSync):
         with ThreadPoolExecutor(bench.POOL_SIZE) as pool:
             list(pool.map(variant.request, range(bench.POOL_SIZE)))
             with split:
                 list(pool.map(variant.request, range(requests)))
-        return split
+        return
     assert isinstance(variant, bench.AsyncVariant)
 
-    async def main() -> None:
-        await variant.prepare()
-        try:
-            await variant._clients(0, tasks, tasks)  # warm-up
-            with split:
-                if prof is not None:
-                    prof.enable()
-                await variant._clients(tasks, requests, tasks)
-                if prof is not None:
-                    prof.disable()
-        finally:
-            await variant.release()
+    async def measured() -> None:
+        await variant._clients(0, tasks, tasks)  # warm-up
+        with split:
+            await variant._clients(tasks, requests, tasks)
 
-    anyio.run(main, backend=variant.backend)
-    return split
+    variant._run(measured)  # prepare(), anyio.run, release(): as bench.py measures
 
 
-def w1(variant: bench.Variant, calls: int, database: str, prof: Any) -> Split:
-    split = Split(database)
+def w1(variant: bench.Variant, calls: int, split: Split) -> None:
     warm, ids = variant.point_ids(calls)
     if isinstance(variant, bench.RawSync):
         with variant.maker() as sess:
@@ -135,27 +128,18 @@ def w1(variant: bench.Variant, calls: int, database: str, prof: Any) -> Split:
             with split:
                 for uid in ids:
                     sess.get(bench.User, uid)
-        return split
+        return
     assert isinstance(variant, bench.AsyncVariant)
 
-    async def main() -> None:
-        await variant.prepare()
-        try:
-            async with variant.session() as sess:
-                for uid in warm:
+    async def measured() -> None:
+        async with variant.session() as sess:
+            for uid in warm:
+                await variant.get(sess, bench.User, uid)
+            with split:
+                for uid in ids:
                     await variant.get(sess, bench.User, uid)
-                with split:
-                    if prof is not None:
-                        prof.enable()
-                    for uid in ids:
-                        await variant.get(sess, bench.User, uid)
-                    if prof is not None:
-                        prof.disable()
-        finally:
-            await variant.release()
 
-    anyio.run(main, backend=variant.backend)
-    return split
+    variant._run(measured)
 
 
 def main() -> None:
@@ -189,10 +173,11 @@ def main() -> None:
                 for name, variant in variants.items():
                     fixture.reset("W23")
                     prof = cProfile.Profile() if args.cprofile else None
+                    split = Split(args.database, prof)
                     if args.workload == "W2":
-                        split = w2(variant, args.requests, args.tasks, args.database, prof)
+                        w2(variant, args.requests, args.tasks, split)
                     else:
-                        split = w1(variant, args.requests, args.database, prof)
+                        w1(variant, args.requests, split)
                     n = args.requests
                     rows[name].append(
                         (
