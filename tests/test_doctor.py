@@ -21,6 +21,7 @@ import pytest
 from sqlalchemy import Engine, create_engine, text
 
 from sqlalchemy_threadpool.__main__ import main
+from sqlalchemy_threadpool._doctor import _recommendations, _table
 
 #: Few samples: the tests check the report's shape and verdicts, not the figures.
 FAST = ["--samples", "5", "--quiet"]
@@ -137,6 +138,30 @@ def test_readable_table(capsys: pytest.CaptureFixture[str], engine: Engine, db_u
     assert progress[0].startswith("doctor: connecting to ")
     assert len(progress) == 4
     assert all(line.startswith("doctor: ") for line in progress)
+
+
+def test_the_hop_figure_is_the_same_in_the_table_and_the_advice(
+    capsys: pytest.CaptureFixture[str], engine: Engine, db_url: str
+) -> None:
+    """One figure for the thread hop: the JSON value, the table's line and the advice's quote.
+
+    Whether the advice appears depends on the machine (a hop costlier than a point query), so
+    the measured report is given a point query cheaper than its hop to make it appear.
+    """
+    report = doctor_json(capsys, db_url)
+    timings = report["timings"]
+    hop = timings["session_hop_us"]
+    timings["point_query_direct_us"] = hop / 2
+    timings["point_query_offloaded_us"] = hop / 2 + hop + 1000  # any other figure would differ
+    advice = [item for item in _recommendations(report, None) if "thread hop" in item]
+    assert advice == [
+        f"A thread hop ({hop:.0f} us per call) costs more than a point query here "
+        f"({hop / 2:.0f} us): group short statements into one `await sess.run(fn)` instead of "
+        "awaiting each."
+    ]
+    report["recommendations"] = advice
+    row = next(line for line in _table(report).splitlines() if "  thread hop  " in line)
+    assert f"  {hop:.0f} us per call through a session, inside a transaction (" in row
 
 
 def test_the_password_is_never_shown(capsys: pytest.CaptureFixture[str]) -> None:

@@ -219,16 +219,13 @@ class LoadResult:
 async def post_all(
     client: httpx.AsyncClient, notes: list[tuple[str, str]]
 ) -> dict[tuple[str, str], int]:
-    """POST every note at once; the status of each (0: no response)."""
+    """POST every note at once; the status of each (-1: no response, a transport error)."""
     statuses: dict[tuple[str, str], int] = {}
 
     async def post(key: str, text: str) -> None:
         try:
             response = await client.post("/notes", json={"key": key, "text": text})
-        except httpx.TransportError as exc:
-            import time as _t
-
-            print("TRANSPORT", key, text, type(exc).__name__, exc, _t.perf_counter())
+        except httpx.TransportError:
             statuses[key, text] = -1
             return
         statuses[key, text] = response.status_code
