@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import sys
+from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _version
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,10 @@ sys.path.insert(0, str(DOCS.parent / "src"))  # autodoc without installing, if n
 project = "sqlalchemy-threadpool"
 author = "sqlalchemy-threadpool developers"
 copyright = "2026, sqlalchemy-threadpool developers"
-release = _version("sqlalchemy-threadpool")
+try:
+    release = _version("sqlalchemy-threadpool")
+except PackageNotFoundError:  # a checkout on sys.path, not installed
+    from sqlalchemy_threadpool import __version__ as release
 version = ".".join(release.split(".")[:2])
 
 extensions = [
