@@ -17,7 +17,7 @@ from pathlib import Path
 import anyio
 import pytest
 from sqlalchemy import Engine
-from sqlalchemy.exc import IntegrityError, PendingRollbackError
+from sqlalchemy.exc import IntegrityError
 
 from helpers import user_names
 from models import User
@@ -120,13 +120,6 @@ async def test_the_lost_session_warning_comes_from_the_module_the_docs_name(
 
 
 @pytest.mark.anyio
-@pytest.mark.xfail(
-    reason="bug in ThreadpoolSessionTransaction.__aexit__: a SAVEPOINT whose release (flush) "
-    "fails is not rolled back, nor one a failed flush deactivated (is_active False, not closed), "
-    "so the outer commit raises PendingRollbackError where Session and AsyncSession commit",
-    raises=PendingRollbackError,
-    strict=True,
-)
 async def test_the_savepoint_example_of_the_lifecycle_guide(
     engine: Engine, other_engine: Engine
 ) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import anyio
@@ -14,6 +15,7 @@ from helpers import checked_out, slow_statement, user_names
 from models import User
 from sqlalchemy_threadpool import (
     SessionClosedError,
+    TransactionInterruptedError,
     threadpool_session,
     threadpool_sessionmaker,
 )
@@ -124,6 +126,59 @@ async def test_begin_nested_rolls_back_only_its_rows(engine: Engine, other_engin
         async with sess.begin_nested():
             sess.add(User(name="released"))
     assert user_names(other_engine) == {"kept", "released"}
+
+
+async def test_a_savepoint_whose_flush_fails_rolls_back_only_itself(
+    engine: Engine, other_engine: Engine
+) -> None:
+    maker = threadpool_sessionmaker(engine)
+    async with threadpool_session(maker) as setup:
+        setup.add(User(name="taken"))
+    async with maker() as sess:
+        async with sess.begin():
+            sess.add(User(name="order"))
+            with pytest.raises(IntegrityError):
+                async with sess.begin_nested():  # its RELEASE flushes, and the flush fails
+                    sess.add(User(name="taken"))
+            with pytest.raises(IntegrityError):
+                async with sess.begin_nested():  # the flush fails inside: deactivated
+                    sess.add(User(name="taken"))
+                    await sess.flush()
+            sess.add(User(name="later"))
+        assert not sess.in_transaction()
+    assert user_names(other_engine) == {"taken", "order", "later"}
+    assert checked_out(engine) == 0
+
+
+async def test_an_interrupted_savepoint_fails_the_whole_unit_of_work(
+    engine: Engine, other_engine: Engine
+) -> None:
+    maker = threadpool_sessionmaker(engine)
+    statement = slow_statement(engine.dialect.name, 2)
+    started = threading.Event()
+
+    def slow(session: Session) -> None:
+        started.set()
+        session.execute(statement)
+
+    async with maker() as sess:
+        with pytest.raises(TransactionInterruptedError):
+            async with sess.begin():
+                sess.add(User(name="lost"))
+                await sess.flush()
+                async with anyio.create_task_group() as group:
+
+                    async def cancel_once_started() -> None:
+                        await anyio.to_thread.run_sync(started.wait, 10)
+                        group.cancel_scope.cancel()
+
+                    group.start_soon(cancel_once_started)
+                    async with sess.begin_nested():
+                        await sess.run(slow)
+                # the commit at the end of begin() must not report the lost work committed
+        await sess.rollback()
+    assert user_names(other_engine) == set()
+    assert checked_out(engine) == 0
 
 
 async def test_begin_commits_and_await_form_starts(engine: Engine, other_engine: Engine) -> None:

@@ -441,7 +441,12 @@ class ThreadpoolSessionTransaction:
             await self.session._offloader.call(method, recovers=not commit)
 
     async def __aenter__(self) -> Self:
-        return await self.start()
+        await self.start()
+        assert self.sync_transaction is not None
+        # As AsyncSessionTransaction does: the sync transaction's own context manager (no IO
+        # here) decides at the end what to commit, roll back or close.
+        self.sync_transaction.__enter__()
+        return self
 
     async def __aexit__(
         self,
@@ -449,8 +454,16 @@ class ThreadpoolSessionTransaction:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if exc_type is None:
-            self.session._offloader.check_usable()  # never report an interrupted one committed
-        if self.sync_transaction is None or not self.sync_transaction.is_active:
+        transaction = self.sync_transaction
+        if transaction is None:
             return
-        await self._end(commit=exc_type is None)
+        offloader = self.session._offloader
+        if exc_type is None:
+            offloader.check_usable()  # never report an interrupted one committed
+        elif offloader.interrupted:
+            return  # the whole unit of work was rolled back already
+        # SessionTransaction.__exit__ in a worker: commit (a failed commit or RELEASE rolls the
+        # transaction or SAVEPOINT back before it raises), or roll back a transaction that is
+        # still active, or close one a failed flush deactivated; shielded when unwinding.
+        with anyio.CancelScope(shield=exc_type is not None):
+            await offloader.call(partial(transaction.__exit__, exc_type, exc, tb))
