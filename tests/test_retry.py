@@ -267,6 +267,7 @@ async def test_mysql_lock_wait_timeout_rolls_back_the_whole_attempt_then_retries
         holder.close()
     [error] = seen
     assert isinstance(error, OperationalError)
+    assert error.orig is not None
     assert error.orig.args[0] == 1205
     assert user_names(counters) == {"once"}  # unique name: the first INSERT was rolled back
     assert values(counters)[1] == 1
@@ -280,8 +281,9 @@ async def test_a_serialization_failure_at_commit_is_retried(counters: Engine) ->
     with counters.begin() as conn:
         conn.execute(
             text(
-                "CREATE OR REPLACE FUNCTION satp_fail_commit() RETURNS trigger LANGUAGE plpgsql AS $$ "
-                "BEGIN IF current_setting('satp.fail_commit', true) = 'on' THEN "
+                "CREATE OR REPLACE FUNCTION satp_fail_commit() RETURNS trigger "
+                "LANGUAGE plpgsql AS $$ BEGIN "
+                "IF current_setting('satp.fail_commit', true) = 'on' THEN "
                 "RAISE EXCEPTION 'commit refused' USING ERRCODE = '40001'; END IF; "
                 "RETURN NULL; END $$"
             )
@@ -550,3 +552,52 @@ async def test_a_sync_fn_its_flush_and_its_commit_run_in_one_worker_call(engine:
     assert seen[0][1] is not None
     assert user_names(engine) == {"one-hop"}
     one_hop_clean(engine, maker)
+
+
+# -- what is_retryable() accepts, from each driver --------------------------------------
+
+#: Per backend: (driver, statement raising an error the server makes, retryable?). The
+#: server raises the error itself (RAISE / SIGNAL), as it would after a real conflict.
+_RAISE_PG = "DO $$ BEGIN RAISE EXCEPTION 'conflict' USING ERRCODE = '{}'; END $$"
+_SIGNAL = "SIGNAL SQLSTATE '{}' SET MYSQL_ERRNO = {}, MESSAGE_TEXT = 'conflict'"
+_SERVER_ERRORS = {
+    "postgresql": [
+        (driver, _RAISE_PG.format(code), retryable)
+        for driver in ("psycopg2", "psycopg", "pg8000")
+        for code, retryable in (("40001", True), ("40P01", True), ("23505", False))
+    ],
+    "mysql": [
+        (driver, _SIGNAL.format(state, errno), retryable)
+        for driver in ("pymysql", "mysqlconnector")
+        for state, errno, retryable in (
+            ("40001", 1213, True),
+            ("HY000", 1205, True),
+            ("23000", 1062, False),
+            ("HY000", 1317, False),  # query execution was interrupted
+        )
+    ],
+}
+
+
+@only_on("postgresql", "mysql")
+def test_is_retryable_reads_the_code_of_each_driver(db_url: str) -> None:
+    backend = make_url(db_url).get_backend_name()
+    for driver, statement, retryable in _SERVER_ERRORS[backend]:
+        url = make_url(db_url).set(drivername=f"{backend}+{driver}")
+        eng = create_engine(url, poolclass=NullPool)
+        try:
+            with pytest.raises(DBAPIError) as caught, eng.connect() as conn:
+                conn.execute(text(statement))
+        finally:
+            eng.dispose()
+        assert is_retryable(caught.value) is retryable, (driver, statement)
+        assert caught.value.orig is not None
+        assert is_retryable(caught.value.orig) is retryable, (driver, statement)  # unwrapped
+
+
+def test_is_retryable_refuses_what_is_not_a_database_conflict() -> None:
+    assert not is_retryable(ValueError("40001"))
+    assert not is_retryable(ValueError(1213))
+    assert not is_retryable(sqlite3.OperationalError("no such table: t"))
+    assert is_retryable(sqlite3.OperationalError("database is locked"))  # Python 3.10's form
+    assert not is_retryable(KeyboardInterrupt())

@@ -73,9 +73,10 @@ def is_retryable(exc: BaseException) -> bool:
     first = args[0] if args else None
     if isinstance(first, dict):  # pg8000: the server's error fields, "C" is the SQLSTATE
         return first.get("C") in _RETRYABLE_SQLSTATES
-    if isinstance(first, str) and first in _RETRYABLE_SQLSTATES:  # pyodbc: (sqlstate, message)
-        return True
-    if type(orig).__module__.split(".")[0] in ("pymysql", "MySQLdb", "mysql", "mariadb"):
+    package = type(orig).__module__.split(".")[0]
+    if package == "pyodbc":  # (sqlstate, message)
+        return first in _RETRYABLE_SQLSTATES
+    if package in ("pymysql", "MySQLdb", "mysql", "mariadb"):
         if isinstance(first, int) and not isinstance(first, bool):
             errno = first  # PyMySQL, mysqlclient: (errno, message)
         return errno in _RETRYABLE_MYSQL_ERRNOS
