@@ -19,6 +19,7 @@ OBJECTS: dict[str, list[tuple[str, str, str]]] = {
         ("collections.abc.AsyncIterator", "py:class", "library/collections.abc.html#$"),
         ("collections.abc.Awaitable", "py:class", "library/collections.abc.html#$"),
         ("collections.abc.Callable", "py:class", "library/collections.abc.html#$"),
+        ("collections.abc.Coroutine", "py:class", "library/collections.abc.html#$"),
         ("collections.abc.Generator", "py:class", "library/collections.abc.html#$"),
         ("collections.abc.Iterator", "py:class", "library/collections.abc.html#$"),
         ("collections.abc.Mapping", "py:class", "library/collections.abc.html#$"),
@@ -64,6 +65,7 @@ OBJECTS: dict[str, list[tuple[str, str, str]]] = {
         ("anyio.CancelScope", "py:class", "api.html#$"),
         ("anyio.CapacityLimiter", "py:class", "api.html#$"),
         ("anyio.fail_after", "py:function", "api.html#$"),
+        ("anyio.sleep", "py:function", "api.html#$"),
         ("anyio.to_thread.run_sync", "py:function", "api.html#$"),
     ],
     "trio": [

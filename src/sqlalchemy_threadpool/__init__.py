@@ -27,6 +27,8 @@ from ._exceptions import TransactionInterruptedError as TransactionInterruptedEr
 from ._guard import allow_blocking as allow_blocking
 from ._maker import threadpool_sessionmaker as threadpool_sessionmaker
 from ._results import ThreadpoolStreamResult as ThreadpoolStreamResult
+from ._retry import is_retryable as is_retryable
+from ._retry import run_transaction as run_transaction
 from ._session import ThreadpoolSession as ThreadpoolSession
 from ._session import ThreadpoolSessionTransaction as ThreadpoolSessionTransaction
 from ._shutdown import shutdown as shutdown
@@ -50,6 +52,8 @@ __all__ = [
     "bind_session",
     "current_session",
     "get_default_sessionmaker",
+    "is_retryable",
+    "run_transaction",
     "set_default_sessionmaker",
     "shutdown",
     "threadpool_session",
