@@ -8,7 +8,7 @@ sync result: so views share one position and see each row once, in order (invari
 row processing, ``unique()`` and ``columns()`` are SQLAlchemy's.
 
 IO happens only in a worker (invariant 5). ``async for`` and ``fetchone()`` read a chunk of
-:data:`STREAM_CHUNK_SIZE` raw rows per worker call and serve the rows on the loop from that
+``STREAM_CHUNK_SIZE`` (1000) raw rows per worker call and serve the rows on the loop from that
 chunk; every other fetch is one worker call, as each is one ``greenlet_spawn`` in
 ``AsyncResult``.
 """
@@ -260,13 +260,16 @@ class _StreamView(Generic[_R_co]):
         return row  # type: ignore[no-any-return]
 
     async def fetchmany(self, size: int | None = None) -> Sequence[_R_co]:
-        """Up to ``size`` rows (:data:`STREAM_CHUNK_SIZE` by default), in one worker call."""
+        """Up to ``size`` rows (1000 by default), in one worker call."""
         return await self._run(lambda: self._view.fetchmany(size))
 
-    async def partitions(self, size: int | None = None) -> AsyncIterator[Sequence[_R_co]]:
-        """Lists of up to ``size`` rows (default :data:`STREAM_CHUNK_SIZE`), a worker call each."""
-        while part := await self.fetchmany(size):
-            yield part
+    def partitions(self, size: int | None = None) -> AsyncIterator[Sequence[_R_co]]:
+        """Lists of up to ``size`` rows (1000 by default), a worker call each.
+
+        A plain async iterator, not an async generator: breaking out of the loop leaves
+        nothing to finalise.
+        """
+        return _Partitions(self, size)
 
     async def fetchall(self) -> Sequence[_R_co]:
         """Every remaining row, in one worker call."""
@@ -294,6 +297,25 @@ class _StreamView(Generic[_R_co]):
         return self
 
 
+class _Partitions(Generic[_R_co]):
+    """The async iterator that ``partitions()`` returns."""
+
+    __slots__ = ("_size", "_view")
+
+    def __init__(self, view: _StreamView[_R_co], size: int | None) -> None:
+        self._view = view
+        self._size = size
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> Sequence[_R_co]:
+        part = await self._view.fetchmany(self._size)
+        if not part:
+            raise StopAsyncIteration
+        return part
+
+
 class ThreadpoolStreamResult(_StreamView[_R_co]):
     """A streaming result: rows are read from a server-side cursor in a worker.
 
@@ -307,7 +329,7 @@ class ThreadpoolStreamResult(_StreamView[_R_co]):
     __slots__ = ()
 
     def keys(self) -> Any:
-        """The column names, as :meth:`sqlalchemy.engine.Result.keys`."""
+        """The column names, as ``Result.keys()``."""
         return self._view.keys()
 
     def columns(self, *col_expressions: Any) -> Self:
@@ -353,6 +375,10 @@ class ThreadpoolStreamResult(_StreamView[_R_co]):
         self: ThreadpoolStreamResult[tuple[_T, Unpack[tuple[Any, ...]]]],
     ) -> _T | None: ...
     @overload
+    async def scalar(  # type: ignore[overload-cannot-match, unused-ignore]  # SQLAlchemy 2.0
+        self: ThreadpoolStreamResult[Row[tuple[_T]]],
+    ) -> _T | None: ...
+    @overload
     async def scalar(self) -> Any: ...
     async def scalar(self) -> Any:
         """The first column of the next row, or ``None``; closes the result."""
@@ -363,6 +389,10 @@ class ThreadpoolStreamResult(_StreamView[_R_co]):
     @overload
     async def scalar_one(
         self: ThreadpoolStreamResult[tuple[_T, Unpack[tuple[Any, ...]]]],
+    ) -> _T: ...
+    @overload
+    async def scalar_one(  # type: ignore[overload-cannot-match, unused-ignore]  # SQLAlchemy 2.0
+        self: ThreadpoolStreamResult[Row[tuple[_T]]],
     ) -> _T: ...
     @overload
     async def scalar_one(self) -> Any: ...
@@ -377,6 +407,10 @@ class ThreadpoolStreamResult(_StreamView[_R_co]):
     @overload
     async def scalar_one_or_none(
         self: ThreadpoolStreamResult[tuple[_T, Unpack[tuple[Any, ...]]]],
+    ) -> _T | None: ...
+    @overload
+    async def scalar_one_or_none(  # type: ignore[overload-cannot-match, unused-ignore]  # SQLAlchemy 2.0
+        self: ThreadpoolStreamResult[Row[tuple[_T]]],
     ) -> _T | None: ...
     @overload
     async def scalar_one_or_none(self) -> Any: ...
@@ -403,7 +437,7 @@ class ThreadpoolStreamMappingResult(_StreamView[RowMapping]):
     __slots__ = ()
 
     def keys(self) -> Any:
-        """The column names, as :meth:`sqlalchemy.engine.MappingResult.keys`."""
+        """The column names, as ``MappingResult.keys()``."""
         return self._view.keys()
 
     def columns(self, *col_expressions: Any) -> Self:
