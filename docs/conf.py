@@ -71,6 +71,7 @@ nitpick_ignore_regex = [
     ("py:class", r"typing_extensions\..*"),
     # SQLAlchemy's typing aliases in its own signatures, undocumented there too.
     ("py:class", r"OrmExecuteOptionsParameter|TypedReturnsRows"),
+    ("py:class", r"sqlalchemy\.engine\.row\.Row"),  # not in SQLAlchemy's inventory
     ("py:class", r"Offloader"),  # ThreadpoolSession.__init__: sessions come from a maker
 ]
 

@@ -10,7 +10,7 @@ import anyio
 import pytest
 from sqlalchemy import Engine, insert, select, text
 from sqlalchemy.engine import Result
-from sqlalchemy.exc import NoResultFound
+from sqlalchemy.exc import MultipleResultsFound, NoResultFound, ResourceClosedError
 from sqlalchemy.orm import Session, selectinload
 
 from helpers import Overlap, checked_out
@@ -199,19 +199,20 @@ async def test_stream_fetches_ten_thousand_rows_in_partitions(engine: Engine) ->
     fetches = Overlap()
     async with maker() as sess:
         result = await sess.stream(select(User.name).order_by(User.name))
-        original = result._sync.fetchmany
+        real = result._rows._real
+        original = real._fetchmany_impl
 
         def counted(size: int | None = None) -> Any:
             with fetches.inside():
                 return original(size)
 
-        result._sync.fetchmany = counted
+        real._fetchmany_impl = counted  # type: ignore[method-assign]
         async with result:
             names = [row.name async for row in result]
         assert len(names) == 10_000
         assert names[0] == "user00000"
         assert names[-1] == "user09999"
-        assert fetches.calls >= 10  # a partition at a time, not one big fetch
+        assert 10 <= fetches.calls <= 11  # a chunk per worker call: not one big fetch, nor a row
         scalars = await sess.stream_scalars(select(User.id))
         count = 0
         async for part in scalars.partitions(1000):
@@ -235,6 +236,154 @@ async def test_stream_closes_when_the_consumer_is_cancelled(engine: Engine) -> N
                     scope.cancel()
                     await anyio.lowlevel.checkpoint()
         assert result.closed
+    assert checked_out(engine) == 0
+
+
+async def _seed_users(engine: Engine, count: int) -> list[int]:
+    async with threadpool_session(threadpool_sessionmaker(engine)) as sess:
+        await sess.execute(insert(User), [{"name": f"user{i:05}"} for i in range(count)])
+        return list(await sess.scalars(select(User.id).order_by(User.id)))
+
+
+_IDS_AND_NAMES = select(User.id, User.name).order_by(User.id)
+
+
+async def test_stream_views_continue_after_rows_read_by_async_for(engine: Engine) -> None:
+    ids = await _seed_users(engine, 5)
+    async with threadpool_sessionmaker(engine)() as sess:
+        async with await sess.stream(_IDS_AND_NAMES) as result:
+            first = await result.__anext__()
+            rest = [i async for i in result.scalars()]
+        assert [first.id, *rest] == ids
+
+
+async def test_stream_fetchmany_then_mappings_share_the_position(engine: Engine) -> None:
+    ids = await _seed_users(engine, 5)
+    async with threadpool_sessionmaker(engine)() as sess:
+        async with await sess.stream(_IDS_AND_NAMES) as result:
+            first = await result.__anext__()
+            two = await result.fetchmany(2)
+            mappings = await result.mappings().all()
+        assert [first.id, *(row.id for row in two), *(m["id"] for m in mappings)] == ids
+        assert mappings[0]["name"] == "user00003"
+
+
+async def test_stream_partitions_and_async_for_share_the_position(engine: Engine) -> None:
+    ids = await _seed_users(engine, 2500)  # more than STREAM_CHUNK_SIZE
+    async with threadpool_sessionmaker(engine)() as sess:
+        async with await sess.stream(_IDS_AND_NAMES) as result:
+            seen: list[int] = []
+            async for row in result:
+                seen.append(row.id)
+                if len(seen) == 3:
+                    break
+            async for part in result.partitions(700):
+                seen.extend(row.id for row in part)
+                break
+            seen.extend([i async for i in result.scalars()])
+        assert seen == ids
+
+
+async def test_stream_every_view_sees_each_row_once_in_order(engine: Engine) -> None:
+    ids = await _seed_users(engine, 2500)
+    async with threadpool_sessionmaker(engine)() as sess:
+        async with await sess.stream(_IDS_AND_NAMES) as result:
+            seen: list[int] = []
+            while len(seen) < 2400:
+                seen.append((await result.__anext__()).id)
+                row = await result.fetchone()
+                assert row is not None
+                seen.append(row.id)
+                seen.extend(r.id for r in await result.fetchmany(7))
+                seen.extend(await result.scalars().fetchmany(5))
+                mapping = await result.mappings().fetchone()
+                assert mapping is not None
+                seen.append(mapping["id"])
+                async for i in result.scalars():
+                    seen.append(i)
+                    if i % 4 == 0:
+                        break
+                seen.extend(r[0] for r in await result.tuples().fetchmany(3))
+            seen.extend(m["id"] for m in await result.mappings().fetchall())
+            assert await result.fetchone() is None
+        assert seen == ids
+
+
+async def test_stream_first_and_one_after_partial_reads_return_the_next_row(
+    engine: Engine,
+) -> None:
+    ids = await _seed_users(engine, 5)
+    async with threadpool_sessionmaker(engine)() as sess:
+        result = await sess.stream(_IDS_AND_NAMES)
+        await result.__anext__()
+        row = await result.first()
+        assert row is not None
+        assert row.id == ids[1]
+        assert result.closed  # first() closes, as in SQLAlchemy
+        with pytest.raises(ResourceClosedError):
+            await result.fetchone()
+
+        result = await sess.stream(_IDS_AND_NAMES)
+        await result.__anext__()
+        await result.fetchmany(3)
+        assert await result.scalars().one() == ids[4]
+        assert result.closed
+
+        result = await sess.stream(_IDS_AND_NAMES)
+        await result.__anext__()
+        with pytest.raises(MultipleResultsFound):
+            await result.one_or_none()
+        assert result.closed
+
+        scalars = await sess.stream_scalars(select(User.id).order_by(User.id))
+        await scalars.__anext__()
+        assert await scalars.first() == ids[1]
+    assert checked_out(engine) == 0
+
+
+async def test_stream_unique_filters_across_views(engine: Engine) -> None:
+    maker = threadpool_sessionmaker(engine)
+    async with threadpool_session(maker) as sess:
+        titles = ["x", "y", "x", "z", "y", "w", "x"]
+        sess.add(User(name="ada", posts=[Post(title=t) for t in titles]))
+    posts = Post.__table__.c  # a Core select: the ORM refuses unique() on server-side cursors
+    async with maker() as sess:
+        stmt = select(posts.title).order_by(posts.id)
+        async with await sess.stream(stmt) as result:
+            result.unique()
+            first = await result.__anext__()
+            rest = [t async for t in result.scalars()]
+        assert [first.title, *rest] == ["x", "y", "z", "w"]
+
+
+async def test_stream_columns_and_tuples_keep_the_position(engine: Engine) -> None:
+    ids = await _seed_users(engine, 5)
+    async with threadpool_sessionmaker(engine)() as sess:
+        async with await sess.stream(_IDS_AND_NAMES) as result:
+            first = await result.__anext__()
+            assert tuple(first) == (ids[0], "user00000")
+            names = result.columns("name")
+            assert names is result
+            assert list(names.keys()) == ["name"]
+            second = await names.fetchone()
+            assert second is not None
+            assert tuple(second) == ("user00001",)
+            rest = [tuple(row) async for row in result.tuples()]
+        assert rest == [("user00002",), ("user00003",), ("user00004",)]
+
+
+async def test_stream_orm_entities_shared_between_views(engine: Engine) -> None:
+    ids = await _seed_users(engine, 5)
+    async with threadpool_sessionmaker(engine)() as sess:
+        async with await sess.stream(select(User).order_by(User.id)) as result:
+            first = await result.__anext__()
+            users = [first[0], *await result.scalars().fetchmany(2)]
+            users.extend([u async for u in result.scalars()])
+        assert [u.id for u in users] == ids
+        scalars = await sess.stream_scalars(select(User).order_by(User.id))
+        async with scalars:
+            head = await scalars.__anext__()
+            assert [head.id, *(u.id for u in await scalars.all())] == ids
     assert checked_out(engine) == 0
 
 

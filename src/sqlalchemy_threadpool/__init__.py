@@ -26,12 +26,14 @@ from ._exceptions import ThreadpoolSessionError as ThreadpoolSessionError
 from ._exceptions import TransactionInterruptedError as TransactionInterruptedError
 from ._guard import allow_blocking as allow_blocking
 from ._maker import threadpool_sessionmaker as threadpool_sessionmaker
-from ._results import ThreadpoolStreamResult as ThreadpoolStreamResult
 from ._retry import is_retryable as is_retryable
 from ._retry import run_transaction as run_transaction
 from ._session import ThreadpoolSession as ThreadpoolSession
 from ._session import ThreadpoolSessionTransaction as ThreadpoolSessionTransaction
 from ._shutdown import shutdown as shutdown
+from ._streams import ThreadpoolStreamMappingResult as ThreadpoolStreamMappingResult
+from ._streams import ThreadpoolStreamResult as ThreadpoolStreamResult
+from ._streams import ThreadpoolStreamScalarResult as ThreadpoolStreamScalarResult
 
 __all__ = [
     "AdmissionTimeoutError",
@@ -46,7 +48,9 @@ __all__ = [
     "ThreadpoolSession",
     "ThreadpoolSessionError",
     "ThreadpoolSessionTransaction",
+    "ThreadpoolStreamMappingResult",
     "ThreadpoolStreamResult",
+    "ThreadpoolStreamScalarResult",
     "TransactionInterruptedError",
     "allow_blocking",
     "bind_session",

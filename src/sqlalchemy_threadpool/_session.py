@@ -18,13 +18,14 @@ from typing import TYPE_CHECKING, Any, Concatenate, Final, Generic, TypeVar, ove
 
 import anyio
 from sqlalchemy import inspect
-from sqlalchemy.engine import Result, ScalarResult
+from sqlalchemy.engine import Result, Row, ScalarResult
 from sqlalchemy.exc import InvalidRequestError
 from sqlalchemy.orm import Session, SessionTransaction
 from typing_extensions import ParamSpec, Self, TypeVarTuple, Unpack
 
 from ._offload import Offloader
-from ._results import ThreadpoolStreamResult, check_callable, make_loop_safe
+from ._results import check_callable, make_loop_safe
+from ._streams import ThreadpoolStreamResult, ThreadpoolStreamScalarResult, open_stream
 
 if TYPE_CHECKING:
     from sqlalchemy.engine.interfaces import _CoreAnyExecuteParams
@@ -43,6 +44,7 @@ P = ParamSpec("P")
 R = TypeVar("R")
 T = TypeVar("T")
 _Ts = TypeVarTuple("_Ts")
+_TP = TypeVar("_TP", bound=tuple[Any, ...])  # SQLAlchemy 2.0's row type parameter
 
 
 class _offloaded(Generic[P, R]):
@@ -304,7 +306,40 @@ class ThreadpoolSession:
         return await self._call_method(Session.scalars, "scalars()", statement, *args, **kwargs)
 
     # -- streaming ---------------------------------------------------------------------
+    #
+    # Overloads for SQLAlchemy 2.0 (``Select[Tuple[int, str]]``) and 2.1 (``Select[int, str]``)
+    # at once: each line is valid on one and ignored (``unused-ignore``) on the other.
 
+    @overload
+    async def stream(  # SQLAlchemy 2.0 (on 2.1: a single column of a tuple type)
+        self,
+        statement: TypedReturnsRows[_TP],
+        params: _CoreAnyExecuteParams | None = None,
+        *,
+        execution_options: Mapping[str, Any] | None = None,
+        bind_arguments: _BindArguments | None = None,
+        **kw: Any,
+    ) -> ThreadpoolStreamResult[Row[_TP]]: ...
+    @overload
+    async def stream(  # SQLAlchemy 2.1
+        self,
+        statement: TypedReturnsRows[Unpack[_Ts]],  # type: ignore[valid-type, type-arg, unused-ignore]
+        params: _CoreAnyExecuteParams | None = None,
+        *,
+        execution_options: Mapping[str, Any] | None = None,
+        bind_arguments: _BindArguments | None = None,
+        **kw: Any,
+    ) -> ThreadpoolStreamResult[Row[Unpack[_Ts]]]: ...  # type: ignore[valid-type, type-arg, unused-ignore]
+    @overload
+    async def stream(
+        self,
+        statement: Executable,
+        params: _CoreAnyExecuteParams | None = None,
+        *,
+        execution_options: Mapping[str, Any] | None = None,
+        bind_arguments: _BindArguments | None = None,
+        **kw: Any,
+    ) -> ThreadpoolStreamResult[Any]: ...
     async def stream(
         self,
         statement: Executable,
@@ -314,10 +349,11 @@ class ThreadpoolSession:
         bind_arguments: _BindArguments | None = None,
         **kw: Any,
     ) -> ThreadpoolStreamResult[Any]:
-        """Execute with a server-side cursor; rows are fetched a partition at a time in a worker.
+        """Execute with a server-side cursor; rows are read a chunk at a time in a worker.
 
         Use ``async with await sess.stream(stmt) as result:`` (or exhaust it) so the cursor is
-        released even if the consumer is cancelled.
+        released even if the consumer is cancelled. Its views (``scalars()``, ``mappings()``,
+        ...) share its position: each row is seen once, whichever view reads it.
         """
         options = {**(execution_options or {}), "stream_results": True}
         session = self.sync_session
@@ -330,8 +366,39 @@ class ThreadpoolSession:
                 **kw,
             )
         )
-        return ThreadpoolStreamResult(sync_result, self._offloader)
+        return open_stream(sync_result, self._offloader)
 
+    @overload
+    async def stream_scalars(  # SQLAlchemy 2.0 (on 2.1: a single column of a tuple type)
+        self,
+        statement: TypedReturnsRows[tuple[T, Unpack[tuple[Any, ...]]]],
+        params: _CoreAnyExecuteParams | None = None,
+        *,
+        execution_options: Mapping[str, Any] | None = None,
+        bind_arguments: _BindArguments | None = None,
+        **kw: Any,
+    ) -> ThreadpoolStreamScalarResult[T]: ...
+    @overload
+    async def stream_scalars(  # SQLAlchemy 2.1, one column
+        self,
+        statement: TypedReturnsRows[T],  # type: ignore[type-var, unused-ignore]
+        params: _CoreAnyExecuteParams | None = None,
+        *,
+        execution_options: Mapping[str, Any] | None = None,
+        bind_arguments: _BindArguments | None = None,
+        **kw: Any,
+    ) -> ThreadpoolStreamScalarResult[T]: ...
+    @overload
+    async def stream_scalars(  # SQLAlchemy 2.1, several columns
+        self,
+        statement: TypedReturnsRows[T, Unpack[_Ts]],  # type: ignore[type-arg, valid-type, misc, unused-ignore]
+        params: _CoreAnyExecuteParams | None = None,
+        *,
+        execution_options: Mapping[str, Any] | None = None,
+        bind_arguments: _BindArguments | None = None,
+        **kw: Any,
+    ) -> ThreadpoolStreamScalarResult[T]: ...
+    @overload
     async def stream_scalars(
         self,
         statement: Executable,
@@ -340,7 +407,16 @@ class ThreadpoolSession:
         execution_options: Mapping[str, Any] | None = None,
         bind_arguments: _BindArguments | None = None,
         **kw: Any,
-    ) -> ThreadpoolStreamResult[Any]:
+    ) -> ThreadpoolStreamScalarResult[Any]: ...
+    async def stream_scalars(
+        self,
+        statement: Executable,
+        params: _CoreAnyExecuteParams | None = None,
+        *,
+        execution_options: Mapping[str, Any] | None = None,
+        bind_arguments: _BindArguments | None = None,
+        **kw: Any,
+    ) -> ThreadpoolStreamScalarResult[Any]:
         """Like :meth:`stream`, returning the first column of each row."""
         result = await self.stream(
             statement,
