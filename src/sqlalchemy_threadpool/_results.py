@@ -117,7 +117,7 @@ def _buffer(result: Result[Any]) -> None:
     strategy = cursor.cursor_strategy
     alternate = getattr(strategy, "alternate_cursor_description", None)
     rows = strategy.fetchall(cursor, cursor.cursor)  # reads everything, then soft-closes
-    cursor.cursor_strategy = FullyBufferedCursorFetchStrategy(
+    cursor.cursor_strategy = FullyBufferedCursorFetchStrategy(  # type: ignore[no-untyped-call,unused-ignore]
         None, alternate_description=alternate, initial_buffer=rows
     )
 
