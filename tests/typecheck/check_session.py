@@ -120,4 +120,3 @@ async def check_transactions(sess: ThreadpoolSession) -> None:
         assert_type(savepoint.is_active, bool)
     async with sess as same:
         assert_type(same, ThreadpoolSession)
-
