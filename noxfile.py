@@ -45,6 +45,19 @@ def tests(session: nox.Session, database: str) -> None:
 
 
 @nox.session
+@nox.parametrize("database", DATABASES)
+def tests_lowest(session: nox.Session, database: str) -> None:
+    """The tests and mypy on the lowest supported runtime dependencies (``.ci/lowest.txt``)."""
+    session.install("--upgrade", "pip")
+    groups = ["--group", "test", "--group", "lint"]
+    if not _pip_supports_groups(session):
+        groups = [*nox.project.dependency_groups(PYPROJECT, "test", "lint")]
+    session.install("-c", ".ci/lowest.txt", ".", *groups)
+    session.run("mypy")
+    session.run("python", "-m", "pytest", *session.posargs, env={"SATP_TEST_DATABASES": database})
+
+
+@nox.session
 def lint(session: nox.Session) -> None:
     install(session, "lint", project=False)
     session.run("ruff", "check", ".")

@@ -649,7 +649,7 @@ def test_a_forked_child_never_uses_the_parents_side_connection(
     canceller = canceller_for(engine)
     assert canceller is not None
     with engine.connect() as conn:  # a connection that runs nothing: each kill is a no-op
-        dbapi = conn.connection.dbapi_connection
+        dbapi: Any = conn.connection.dbapi_connection  # pymysql's, with thread_id()
         assert dbapi is not None
         target = {"sqlalchemy_threadpool.thread_id": dbapi.thread_id()}
         before = _connection_ids(other_engine)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -22,7 +23,14 @@ from sqlalchemy.engine import Engine
 if TYPE_CHECKING:
     from ._offload import Offloader
 
-__all__ = ["Ticket", "admitted", "admitted_offloaders", "loop_scheduler", "release_lost"]
+__all__ = [
+    "Ticket",
+    "admitted",
+    "admitted_offloaders",
+    "loop_scheduler",
+    "release_lost",
+    "would_block",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +68,17 @@ def loop_scheduler() -> Callable[..., object]:
         import trio
 
         return trio.lowlevel.current_trio_token().run_sync_soon
+
+
+def would_block() -> tuple[type[Exception], ...]:
+    """What a full limiter's ``acquire_on_behalf_of_nowait`` raises: ``except would_block():``.
+
+    ``anyio.WouldBlock``; anyio before 4.14.2 lets trio's own ``trio.WouldBlock`` escape on the
+    trio backend instead. An ``except`` clause is evaluated only when something was raised, so
+    the fast path pays nothing for the look-up.
+    """
+    trio = sys.modules.get("trio")
+    return (anyio.WouldBlock,) if trio is None else (anyio.WouldBlock, trio.WouldBlock)
 
 
 def release_lost(ticket: Ticket) -> None:

@@ -44,7 +44,7 @@ import anyio
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 
-from ._admission import Ticket, admitted, loop_scheduler, release_lost
+from ._admission import Ticket, admitted, loop_scheduler, release_lost, would_block
 from ._calls import WorkerCall, discard_session, to_the_end
 from ._cancel import cancel_statements, session_connections, sever
 from ._exceptions import (
@@ -240,7 +240,7 @@ class Offloader:
             finalizer.atexit = False
         try:  # capacity free and nobody queued: no trip round the loop, no cancel scope
             self._limiter.acquire_on_behalf_of_nowait(ticket)
-        except anyio.WouldBlock:
+        except would_block():
             pass
         else:
             self._admitted = ticket.held = True

@@ -14,13 +14,12 @@ import logging
 from collections.abc import Callable, Coroutine, Generator, Iterator, Mapping
 from functools import partial
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Concatenate, Final, Generic, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Concatenate, Final, Generic, TypeVar, cast, overload
 
 import anyio
-from sqlalchemy import inspect
-from sqlalchemy.engine import Result, Row, ScalarResult
+from sqlalchemy.engine import Row
 from sqlalchemy.exc import InvalidRequestError
-from sqlalchemy.orm import Session, SessionTransaction
+from sqlalchemy.orm import Session, SessionTransaction, object_session
 from typing_extensions import ParamSpec, Self, TypeVarTuple, Unpack
 
 from ._offload import Offloader
@@ -29,12 +28,15 @@ from ._streams import ThreadpoolStreamResult, ThreadpoolStreamScalarResult, open
 
 if TYPE_CHECKING:
     from sqlalchemy.engine.interfaces import _CoreAnyExecuteParams
-    from sqlalchemy.orm._typing import OrmExecuteOptionsParameter
+    from sqlalchemy.ext.asyncio import AsyncSession
     from sqlalchemy.orm.session import _BindArguments
     from sqlalchemy.sql.base import Executable
     from sqlalchemy.sql.selectable import TypedReturnsRows
 
     from ._maker import threadpool_sessionmaker
+
+    #: Only names the types of AsyncSession's bound methods (see ``execute``); never exists.
+    _ASYNC_SESSION = cast("AsyncSession", None)
 
 __all__ = ["ThreadpoolSession", "ThreadpoolSessionTransaction"]
 
@@ -187,7 +189,7 @@ class ThreadpoolSession:
         session (or be detached): loading through another session's connection from this
         session's worker could touch that session from two threads at once.
         """
-        owner = inspect(instance).session
+        owner = object_session(instance)
         if owner is not None and owner is not self.sync_session:
             raise InvalidRequestError(
                 f"{instance!r} belongs to another session: load its attributes with that "
@@ -233,77 +235,17 @@ class ThreadpoolSession:
 
     # -- IO members whose SQLAlchemy signature is overloaded -------------------------
 
-    @overload
-    async def execute(
-        self,
-        statement: TypedReturnsRows[Unpack[_Ts]],
-        params: _CoreAnyExecuteParams | None = None,
-        *,
-        execution_options: OrmExecuteOptionsParameter = ...,
-        bind_arguments: _BindArguments | None = None,
-        **kw: Any,
-    ) -> Result[Unpack[_Ts]]: ...
-    @overload
-    async def execute(
-        self,
-        statement: Executable,
-        params: _CoreAnyExecuteParams | None = None,
-        *,
-        execution_options: OrmExecuteOptionsParameter = ...,
-        bind_arguments: _BindArguments | None = None,
-        **kw: Any,
-    ) -> Result[Unpack[tuple[Any, ...]]]: ...
-    async def execute(self, statement: Any, *args: Any, **kwargs: Any) -> Any:
-        """Execute a statement in a worker; the ``Result`` comes back fully buffered."""
-        return await self._call_method(Session.execute, "execute()", statement, *args, **kwargs)
-
-    @overload
-    async def scalar(
-        self,
-        statement: TypedReturnsRows[T],
-        params: _CoreAnyExecuteParams | None = None,
-        *,
-        execution_options: OrmExecuteOptionsParameter = ...,
-        bind_arguments: _BindArguments | None = None,
-        **kw: Any,
-    ) -> T | None: ...
-    @overload
-    async def scalar(
-        self,
-        statement: Executable,
-        params: _CoreAnyExecuteParams | None = None,
-        *,
-        execution_options: OrmExecuteOptionsParameter = ...,
-        bind_arguments: _BindArguments | None = None,
-        **kw: Any,
-    ) -> Any: ...
-    async def scalar(self, statement: Any, *args: Any, **kwargs: Any) -> Any:
-        """Execute a statement in a worker and return the first column of the first row."""
-        return await self._call_method(Session.scalar, "scalar()", statement, *args, **kwargs)
-
-    @overload
-    async def scalars(
-        self,
-        statement: TypedReturnsRows[T],
-        params: _CoreAnyExecuteParams | None = None,
-        *,
-        execution_options: OrmExecuteOptionsParameter = ...,
-        bind_arguments: _BindArguments | None = None,
-        **kw: Any,
-    ) -> ScalarResult[T]: ...
-    @overload
-    async def scalars(
-        self,
-        statement: Executable,
-        params: _CoreAnyExecuteParams | None = None,
-        *,
-        execution_options: OrmExecuteOptionsParameter = ...,
-        bind_arguments: _BindArguments | None = None,
-        **kw: Any,
-    ) -> ScalarResult[Any]: ...
-    async def scalars(self, statement: Any, *args: Any, **kwargs: Any) -> Any:
-        """Execute a statement in a worker; the ``ScalarResult`` comes back fully buffered."""
-        return await self._call_method(Session.scalars, "scalars()", statement, *args, **kwargs)
+    if TYPE_CHECKING:
+        # A ParamSpec cannot carry overloads, so these three take their types from the
+        # installed AsyncSession's: 2.0 types rows as one tuple (``Select[Tuple[User]]``), 2.1
+        # as a TypeVarTuple (``Select[User]``), and each line gets its own overloads.
+        execute = _ASYNC_SESSION.execute
+        scalar = _ASYNC_SESSION.scalar
+        scalars = _ASYNC_SESSION.scalars
+    else:
+        execute = _offloaded(Session.execute)
+        scalar = _offloaded(Session.scalar)
+        scalars = _offloaded(Session.scalars)
 
     # -- streaming ---------------------------------------------------------------------
     #
