@@ -1,11 +1,12 @@
 #!/usr/bin/env python
 """Soak test (issue 4): minutes of mixed load with random cancellations and one server restart.
 
-Not a unit test. Run ``python bench/soak.py --minutes 3`` (PostgreSQL) or
-``python bench/soak.py --minutes 3 --server mysql`` (MariaDB). By default it starts a throwaway
-server of its own (``tests/servers.py``: a temporary data directory, a free port) and restarts
-it once, half-way through; ``--url`` points it at an existing server instead, which it never
-restarts. The shared test servers are never touched unless ``--url`` names them.
+Not a unit test. Run ``python bench/soak.py --minutes 3`` (PostgreSQL),
+``python bench/soak.py --minutes 3 --server mysql`` (MariaDB) or ``--server sqlite`` (a file in
+a temporary directory, no restart). By default it starts a throwaway server of its own
+(``tests/servers.py``: a temporary data directory, a free port) and restarts it once, half-way
+through; ``--url`` points it at an existing database instead, which it never restarts. The
+shared test servers are never touched unless ``--url`` names them.
 
 Many tasks (more than the pool has connections, so admission is contended) run, at random:
 
@@ -18,10 +19,13 @@ Many tasks (more than the pool has connections, so admission is contended) run, 
 - ``read`` and ``read_timeout`` (a slow read under ``fail_after``): no writes.
 
 Any other error (the restart) fails that transaction: absent if it happened before ``commit()``,
-unknown (all or nothing) if during it. At the end: the integrity check over every tag, the leak
-checks (nothing checked out, no capacity held, no admitted session, no thread inside
-SQLAlchemy, no idle-in-transaction or active backend, no warning about a garbage-collected
-connection), and the figures, as text and (``--json``) as JSON. Exit status 1 if a check failed.
+unknown (all or nothing) if during it. When the load stops, the leak checks that need
+the event loop run on it (nothing checked out, no capacity held, no admitted session, no thread
+inside SQLAlchemy's own package), then ``shutdown(maker, dispose=False)``, as an application
+ends; after it no worker thread of the library may be left. Then the integrity check over every
+tag, the database's side (no idle-in-transaction or active backend; SQLite: the file is not
+locked), no warning about a garbage-collected connection, and the figures, as text and
+(``--json``) as JSON. Exit status 1 if a check failed.
 """
 
 from __future__ import annotations
@@ -31,9 +35,14 @@ import collections
 import gc
 import json
 import logging
+import os
 import random
+import resource
+import shutil
+import sqlite3
 import statistics
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -44,6 +53,7 @@ from types import FrameType
 from typing import Any
 
 import anyio
+import sqlalchemy
 from sqlalchemy import create_engine, text
 from sqlalchemy.exc import OperationalError, PendingRollbackError, SAWarning
 from sqlalchemy.pool import NullPool
@@ -53,10 +63,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from servers import ThrowawayServer, start_server
 from sqlalchemy_threadpool import (
     TransactionInterruptedError,
+    shutdown,
     threadpool_session,
     threadpool_sessionmaker,
 )
 from sqlalchemy_threadpool._admission import admitted_offloaders
+
+#: Where SQLAlchemy's own modules live: a thread with a frame under it is inside SQLAlchemy.
+#: (A plain "sqlalchemy" substring would also match this library's ``sqlalchemy_threadpool``.)
+SQLALCHEMY_DIR = os.path.dirname(sqlalchemy.__file__) + os.sep
+
+#: The name prefix of the library's dedicated worker threads (``_worker.Worker``).
+WORKER_THREAD_PREFIX = "sqlalchemy-threadpool-worker-"
 
 OPS = {  # name: weight
     "commit": 35,
@@ -106,12 +124,19 @@ class Soak:
         self.last_error_time: float | None = None
         self.restart_began = 0.0
         self.samples: list[dict[str, Any]] = []
+        self.in_process: dict[str, int] = {}  # the leak checks taken on the loop, at the end
 
     # -- workload -------------------------------------------------------------------------
 
     def slow(self, seconds: float) -> Any:
         if self.dialect == "postgresql":
             return text(f"SELECT pg_sleep({seconds})")
+        if self.dialect == "sqlite":  # long enough, stopped by sqlite3's interrupt()
+            rows = int(seconds * 3_000_000)
+            return text(
+                "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c "
+                f"WHERE x < {rows}) SELECT count(*) FROM c"
+            )
         return text(f"SELECT SLEEP({seconds})")
 
     async def write(self, sess: Any, tag: str) -> None:
@@ -250,6 +275,9 @@ class Soak:
                 group.start_soon(self.worker)
             if self.server is not None:
                 group.start_soon(self.restarter, self.args.minutes * 60 / 2)
+        # Before shutdown(), which would drain (and so hide) a session left admitted.
+        self.in_process = self.in_process_leaks()
+        await shutdown(self.maker, dispose=False)
 
     # -- checks ---------------------------------------------------------------------------
 
@@ -277,7 +305,8 @@ class Soak:
             "ok": not (missing or present or torn or phantom),
         }
 
-    def leaks(self) -> dict[str, Any]:
+    def in_process_leaks(self) -> dict[str, int]:
+        """What the process still holds once the load has stopped (on the loop, no IO)."""
         gc.collect()
         inside = 0
         for ident, frame in sys._current_frames().items():
@@ -285,10 +314,25 @@ class Soak:
                 continue
             stack: FrameType | None = frame
             while stack is not None:
-                if "sqlalchemy" in stack.f_code.co_filename:
+                if stack.f_code.co_filename.startswith(SQLALCHEMY_DIR):
                     inside += 1
                     break
                 stack = stack.f_back
+        return {
+            "checked_out": self.engine.pool.checkedout(),  # type: ignore[attr-defined]
+            "borrowed_tokens": int(self.maker.limiter.borrowed_tokens),
+            "admitted_sessions": len(admitted_offloaders(self.engine)),
+            "threads_inside_sqlalchemy": inside,
+        }
+
+    def leaks(self) -> dict[str, Any]:
+        """After ``shutdown()``: the library's threads are gone, the database is quiet."""
+        workers = [t for t in threading.enumerate() if t.name.startswith(WORKER_THREAD_PREFIX)]
+        for thread in workers:  # shutdown() told the idle ones to exit: give them a moment
+            thread.join(timeout=5)
+        left = sum(1 for thread in workers if thread.is_alive())
+        if self.dialect == "sqlite":
+            return self.result(left, *self.sqlite_locked())
         admin = create_engine(self.url, poolclass=NullPool, isolation_level="AUTOCOMMIT")
         with admin.connect() as conn:
             if self.dialect == "postgresql":
@@ -322,11 +366,24 @@ class Soak:
                     or 0
                 )
         admin.dispose()
-        result = {
-            "checked_out": self.engine.pool.checkedout(),  # type: ignore[attr-defined]
-            "borrowed_tokens": self.maker.limiter.borrowed_tokens,
-            "admitted_sessions": len(admitted_offloaders(self.engine)),
-            "threads_inside_sqlalchemy": inside,
+        return self.result(left, idle_in_tx, active)
+
+    def sqlite_locked(self) -> tuple[int, int]:
+        """SQLite has no process list: a writer's lock or a reader still running shows as 1."""
+        raw = sqlite3.connect(self.engine.url.database or "", timeout=0, isolation_level=None)
+        try:
+            raw.execute("BEGIN EXCLUSIVE")
+            raw.execute("ROLLBACK")
+        except sqlite3.OperationalError:
+            return 1, 1
+        finally:
+            raw.close()
+        return 0, 0
+
+    def result(self, workers_left: int, idle_in_tx: int, active: int) -> dict[str, Any]:
+        result: dict[str, Any] = {
+            **self.in_process,
+            "worker_threads_after_shutdown": workers_left,
             "idle_in_transaction": idle_in_tx,
             "active_statements": active,
         }
@@ -355,7 +412,12 @@ def percentiles(values: list[float]) -> dict[str, float]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--minutes", type=float, default=3.0)
-    parser.add_argument("--server", choices=["postgresql", "mysql"], default="postgresql")
+    parser.add_argument(
+        "--server",
+        choices=["postgresql", "mysql", "sqlite"],
+        default="postgresql",
+        help="sqlite: a database file in a temporary directory (nothing to restart)",
+    )
     parser.add_argument("--url", help="an existing database (not restarted) instead")
     parser.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")
     parser.add_argument("--tasks", type=int, default=24)
@@ -372,8 +434,12 @@ def main() -> int:
     unraisable: list[str] = []
     sys.unraisablehook = lambda u: unraisable.append(repr(u.exc_value))
     server = None
+    scratch = None
     if args.url:
         url = args.url
+    elif args.server == "sqlite":
+        scratch = tempfile.mkdtemp(prefix="soak-")
+        url = f"sqlite:///{scratch}/soak.db"
     else:
         started = time.monotonic()
         server = start_server(args.server)
@@ -402,6 +468,8 @@ def main() -> int:
         figures = {
             "database": soak.dialect,
             "url": url if args.url else f"throwaway {args.server}",
+            "threads_at_end": threading.active_count(),
+            "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "backend": args.backend,
             "tasks": args.tasks,
             "pool": args.pool,
@@ -439,6 +507,8 @@ def main() -> int:
     finally:
         if server is not None:
             server.close()
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
 
 
 if __name__ == "__main__":

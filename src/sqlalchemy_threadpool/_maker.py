@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import warnings
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import anyio
 from sqlalchemy import event
@@ -27,7 +27,7 @@ from sqlalchemy.pool import (
 )
 
 from ._calls import install_offload_events
-from ._cancel import canceller_for
+from ._cancel import StatementCanceller, canceller_for
 from ._exceptions import ConfigurationError, ConfigurationWarning
 from ._guard import GuardMode, install_guard
 from ._offload import CLEANUP_TIMEOUT, Offloader
@@ -42,6 +42,29 @@ OffloadMode = Literal["worker", "anyio"]
 #: Tokens when the pool does not bound connections (NullPool, unlimited overflow): as many
 #: threads as anyio's own default limiter allows.
 UNBOUNDED_POOL_TOKENS = 40
+
+#: The maker's own options, given to the constructor and to ``configure()``.
+_OPTIONS = (
+    "limiter",
+    "admission_timeout",
+    "cancel_statements",
+    "cleanup_timeout",
+    "strict",
+    "offload",
+    "worker_idle_timeout",
+)
+
+
+class _Settings(NamedTuple):
+    """The maker's options and what it derived from them and its binds."""
+
+    options: dict[str, Any]
+    limiter: anyio.CapacityLimiter
+    #: The binds and the ``limiter=`` option the limiter was made for.
+    limiter_key: tuple[tuple[Engine | Connection, ...], int | anyio.CapacityLimiter | None]
+    admission_timeout: float | None
+    canceller: StatementCanceller | None
+    workers: WorkerPool | None
 
 
 class threadpool_sessionmaker:
@@ -94,35 +117,26 @@ class threadpool_sessionmaker:
     ) -> None:
         if guard not in ("raise", "warn", "off"):
             raise ConfigurationError(f"guard must be 'raise', 'warn' or 'off', not {guard!r}.")
-        if offload not in ("worker", "anyio"):
-            raise ConfigurationError(f"offload must be 'worker' or 'anyio', not {offload!r}.")
-        if isinstance(worker_idle_timeout, bool) or not (
-            isinstance(worker_idle_timeout, (int, float)) and worker_idle_timeout > 0
-        ):
-            raise ConfigurationError(
-                "worker_idle_timeout must be a positive number of seconds, not "
-                f"{worker_idle_timeout!r}."
-            )
         session_kw.setdefault("expire_on_commit", False)
-        _check_sqlite_memory(bind)
+        self.guard: GuardMode = guard
+        options = {
+            "limiter": limiter,
+            "admission_timeout": admission_timeout,
+            "cancel_statements": cancel_statements,
+            "cleanup_timeout": cleanup_timeout,
+            "strict": strict,
+            "offload": offload,
+            "worker_idle_timeout": worker_idle_timeout,
+        }
+        settings = self._settle({**session_kw, "bind": bind}, options)
         self.sync_maker: sessionmaker[Session] = sessionmaker(
             bind, class_=sync_session_class, **session_kw
         )
-        self.guard: GuardMode = guard
-        self.limiter: anyio.CapacityLimiter = _make_limiter(bind, limiter)
-        self.admission_timeout: float | None = (
-            _pool_timeout(bind) if admission_timeout == "pool" else admission_timeout
-        )
-        self.cancel_statements = cancel_statements
-        self._canceller = canceller_for(bind) if cancel_statements else None
-        self.cleanup_timeout = cleanup_timeout
-        self.strict = strict
-        self.offload: OffloadMode = offload
-        self._workers: WorkerPool | None = (
-            worker_pool(float(worker_idle_timeout)) if offload == "worker" else None
-        )
+        self._adopt(settings)
         event.listen(self.sync_maker, "do_orm_execute", _prebuffer_rows)
         install_offload_events(self.sync_maker)
+        # The guard and the offload events watch each engine as a session begins on it
+        # (``after_begin``), so a bind set later by ``configure()`` needs nothing more here.
         install_guard(self.sync_maker, guard)
 
     def __call__(self, **local_kw: Any) -> ThreadpoolSession:
@@ -144,8 +158,85 @@ class threadpool_sessionmaker:
         return _BeginContext(self())
 
     def configure(self, **new_kw: Any) -> None:
-        """Reconfigure the sync sessionmaker: :meth:`sqlalchemy.orm.sessionmaker.configure`."""
+        """Change the maker's configuration for the sessions it makes from now on.
+
+        Like :meth:`sqlalchemy.orm.sessionmaker.configure`: ``new_kw`` updates the arguments
+        given to the maker (``bind=``, ``binds=``, ``expire_on_commit=``, any other
+        :class:`~sqlalchemy.orm.Session` argument, and the maker's own ``limiter=``,
+        ``admission_timeout=``, ``cancel_statements=``, ``cleanup_timeout=``, ``strict=``,
+        ``offload=``, ``worker_idle_timeout=``), and everything the maker derives from them
+        is derived again, exactly as by the constructor: the limiter from the new pool, the
+        in-memory SQLite / DuckDB checks, the pool's admission timeout, the statement
+        canceller for the new driver, the worker threads. What the constructor refuses is
+        refused here with the same :class:`ConfigurationError`, and the maker is then left
+        unchanged. A ``limiter=`` given earlier still applies (``limiter=None`` follows the
+        new pool again); the limiter object is kept when neither the binds nor ``limiter=``
+        change.
+
+        Sessions made before keep their bind, their limiter (they give their token back to
+        the limiter they took it from), their canceller and their threads.
+        ``shutdown(maker)`` reaches the sessions of the maker's *current* engine; pass the
+        old engine to :func:`shutdown` for sessions still open on it. ``guard=`` and
+        ``sync_session_class=`` cannot be changed: make a new maker.
+        """
+        for fixed in ("guard", "sync_session_class", "class_"):
+            if fixed in new_kw:
+                raise ConfigurationError(
+                    f"configure() cannot change {fixed}=: it is fixed when the maker is made "
+                    "(its listeners are installed on the maker's sync sessionmaker). Make a "
+                    f"new threadpool_sessionmaker(..., {fixed}=...) instead."
+                )
+        options = {name: new_kw.pop(name) for name in _OPTIONS if name in new_kw}
+        settings = self._settle({**self.sync_maker.kw, **new_kw}, {**self._options, **options})
         self.sync_maker.configure(**new_kw)
+        self._adopt(settings)
+
+    def _settle(self, session_kw: dict[str, Any], options: dict[str, Any]) -> _Settings:
+        """Validate the options and derive from the binds what sessions need; change nothing.
+
+        The one path of both ``__init__`` and ``configure()`` (warnings point at their caller).
+        """
+        offload = options["offload"]
+        if offload not in ("worker", "anyio"):
+            raise ConfigurationError(f"offload must be 'worker' or 'anyio', not {offload!r}.")
+        idle = options["worker_idle_timeout"]
+        if isinstance(idle, bool) or not (isinstance(idle, (int, float)) and idle > 0):
+            raise ConfigurationError(
+                f"worker_idle_timeout must be a positive number of seconds, not {idle!r}."
+            )
+        bind = session_kw.get("bind")
+        binds = [b for b in (bind, *(session_kw.get("binds") or {}).values()) if b is not None]
+        for each in binds:
+            _check_sqlite_memory(each)
+        key = (tuple(binds), options["limiter"])
+        current: _Settings | None = getattr(self, "_settings", None)
+        if current is not None and current.limiter_key == key:
+            limiter = current.limiter  # same binds, same limiter=: same capacity, same tokens
+        else:
+            limiter = _make_limiter(binds, options["limiter"])
+        admission_timeout = options["admission_timeout"]
+        return _Settings(
+            options=options,
+            limiter=limiter,
+            limiter_key=key,
+            admission_timeout=(
+                _pool_timeout(bind) if admission_timeout == "pool" else admission_timeout
+            ),
+            canceller=canceller_for(bind) if options["cancel_statements"] else None,
+            workers=worker_pool(float(idle)) if offload == "worker" else None,
+        )
+
+    def _adopt(self, settings: _Settings) -> None:
+        self._settings = settings
+        self._options: dict[str, Any] = settings.options
+        self.limiter: anyio.CapacityLimiter = settings.limiter
+        self.admission_timeout: float | None = settings.admission_timeout
+        self.cancel_statements: bool = settings.options["cancel_statements"]
+        self._canceller: StatementCanceller | None = settings.canceller
+        self.cleanup_timeout: float = settings.options["cleanup_timeout"]
+        self.strict: bool = settings.options["strict"]
+        self.offload: OffloadMode = settings.options["offload"]
+        self._workers: WorkerPool | None = settings.workers
 
     def __repr__(self) -> str:
         return (
@@ -207,9 +298,11 @@ def pool_capacity(bind: Engine | Connection | None) -> float | None:
 
 
 def _make_limiter(
-    bind: Engine | Connection | None, limiter: int | anyio.CapacityLimiter | None
+    binds: list[Engine | Connection], limiter: int | anyio.CapacityLimiter | None
 ) -> anyio.CapacityLimiter:
-    capacity = pool_capacity(bind)
+    """The limiter of a maker whose sessions use ``binds``: the smallest pool bounds it."""
+    capacities = [c for c in map(pool_capacity, binds) if c is not None]
+    capacity = min(capacities) if capacities else None
     if limiter is None:
         if capacity is None or capacity == math.inf:
             return anyio.CapacityLimiter(UNBOUNDED_POOL_TOKENS)
@@ -225,8 +318,9 @@ def _make_limiter(
         raise ConfigurationError(
             f"limiter={tokens:g} is larger than the connection pool ({capacity:g} connections: "
             "pool_size + max_overflow). Sessions admitted beyond the pool would block worker "
-            "threads in pool checkout and can deadlock. Omit limiter= to follow the pool, or "
-            "grow the pool (create_engine(..., pool_size=N, max_overflow=M))."
+            "threads in pool checkout and can deadlock. Omit limiter= (or pass limiter=None "
+            "to configure()) to follow the pool, or grow the pool "
+            "(create_engine(..., pool_size=N, max_overflow=M))."
         )
     if capacity is not None and tokens < capacity and capacity != math.inf:
         warnings.warn(
@@ -234,7 +328,7 @@ def _make_limiter(
             "connections): at most that many sessions will run at once and the rest of the "
             "pool stays idle. Omit limiter= to follow the pool.",
             ConfigurationWarning,
-            stacklevel=3,
+            stacklevel=4,  # _make_limiter < _settle < __init__ or configure() < the caller
         )
     return limiter if isinstance(limiter, anyio.CapacityLimiter) else anyio.CapacityLimiter(tokens)
 
