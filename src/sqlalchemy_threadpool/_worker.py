@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import select
@@ -149,7 +150,11 @@ class Worker:
         self._loop = self._notifier = None
 
     def stop(self) -> None:
-        """Make the (idle, pool-less) thread exit now instead of after its idle timeout."""
+        """Make the idle thread exit now instead of after its idle timeout.
+
+        Only :meth:`WorkerPool.stop_idle` calls it, under the pool's lock and for a thread it
+        took out of the pool: the thread cannot have retired, so its eventfd is still open.
+        """
         self._stopping = True
         self._wake()
 
@@ -252,11 +257,13 @@ class Worker:
             try:
                 job = jobs.popleft()
             except IndexError:
-                if self._stopping:
+                if not self._stopping and sleep():
+                    continue  # new work (or a stale wake-up)
+                # Stopped, or the idle wait ended: whether it leaves is decided under the
+                # pool's lock, after which nobody writes its eventfds (``_main`` closes them).
+                if pool.retire(self):
                     return
-                if sleep() or not pool.retire(self):
-                    continue  # new work, or the idle wait ended while lent to a live session
-                return
+                continue  # lent to a live session meanwhile
             try:
                 job.value = job.context.run(job.fn)
             except BaseException as exc:  # delivered to the awaiting task
@@ -309,10 +316,18 @@ class WorkerPool:
             self._idle.append(worker)
 
     def retire(self, worker: Worker) -> bool:
-        """Called by a thread whose idle wait timed out: whether it leaves the pool now."""
+        """Called by a thread that was stopped or whose idle wait timed out: whether it leaves.
+
+        Stopping (:meth:`stop_idle`) and retiring are one decision under the pool's lock: a
+        stopped thread's wake-up was written under the lock, before this returns; a thread
+        that retires itself leaves the idle list here, so :meth:`stop_idle` never sees it.
+        Either way the pool is done with the thread's eventfds before the thread closes them.
+        """
         with self._lock:
-            if worker.owner is None:
-                if worker in self._idle:  # (stop_idle() may have taken it already)
+            if worker._stopping:
+                return True
+            if worker.owner is None:  # idle: in the list until now
+                if worker in self._idle:
                     self._idle.remove(worker)
                 return True
             if worker.owner() is None:  # lent to a session that no longer exists
@@ -324,8 +339,8 @@ class WorkerPool:
         """Make every idle thread exit now; return how many there were."""
         with self._lock:
             idle, self._idle = self._idle, []
-        for worker in idle:
-            worker.stop()
+            for worker in idle:  # under the lock: none of them can retire meanwhile
+                worker.stop()
         return len(idle)
 
     @property
@@ -426,10 +441,11 @@ def _libc_eventfd_calls() -> tuple[Callable[[int], None], Callable[[int], None]]
     try:
         import ctypes
 
-        libc = ctypes.PyDLL(None)
+        libc = ctypes.PyDLL(None, use_errno=True)
         c_write, c_read = libc.eventfd_write, libc.eventfd_read
     except (ImportError, OSError, AttributeError):  # no ctypes, or a libc without them
         return None
+    get_errno = ctypes.get_errno
     c_write.argtypes = [ctypes.c_int, ctypes.c_uint64]
     c_write.restype = ctypes.c_int
     c_read.argtypes = [ctypes.c_int, ctypes.c_void_p]
@@ -439,10 +455,15 @@ def _libc_eventfd_calls() -> tuple[Callable[[int], None], Callable[[int], None]]
     where = ctypes.byref(counter)
 
     def write(fd: int) -> None:
-        c_write(fd, 1)
+        if c_write(fd, 1):  # -1: failed (EBADF: not an open eventfd), as os.eventfd_write raises
+            code = get_errno()
+            raise OSError(code, f"eventfd_write({fd}): {os.strerror(code)}")
 
     def read(fd: int) -> None:
-        c_read(fd, where)  # -1 (EAGAIN) when already reset: nothing to do either way
+        if c_read(fd, where):
+            code = get_errno()
+            if code != errno.EAGAIN:  # EAGAIN: already reset, nothing to do
+                raise OSError(code, f"eventfd_read({fd}): {os.strerror(code)}")
 
     return write, read
 
