@@ -29,8 +29,9 @@ maker's limiter bounds how many sessions (and so threads) are busy at once.
 This module only moves callables and results; the start/abandon handshake, cancellation and
 cleanup policy live in :mod:`._offload`. :meth:`Worker.call` keeps the contract that
 ``anyio.to_thread.run_sync(..., abandon_on_cancel=True)`` has: the callable runs in a copy of
-the caller's context, its exception is re-raised unchanged, and a cancellation of the awaiting
-task is seen at once, without waiting for the thread.
+the caller's context, its exception is re-raised unchanged, a cancellation of the awaiting
+task is seen at once, without waiting for the thread, and the callable may call back into the
+loop with ``anyio.from_thread`` (each job is the :class:`~._from_thread.Link` that serves it).
 """
 
 from __future__ import annotations
@@ -49,7 +50,15 @@ from collections.abc import Callable
 from contextvars import Context, copy_context
 from functools import partial
 from itertools import count
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+
+from anyio.lowlevel import current_token as _anyio_token
+
+from . import _from_thread
+
+if TYPE_CHECKING:
+    import anyio
+    from anyio.lowlevel import EventLoopToken
 
 __all__ = ["IDLE_TIMEOUT", "Worker", "WorkerPool", "stop_idle_workers", "worker_pool"]
 
@@ -65,9 +74,24 @@ _names = count(1)
 
 
 class _Job:
-    """One call handed to a worker thread; written by the thread, read after its wake-up."""
+    """One call handed to a worker thread; written by the thread, read after its wake-up.
 
-    __slots__ = ("context", "done", "error", "fn", "notify", "task", "value")
+    Also the :class:`~._from_thread.Link` of the call: how ``anyio.from_thread`` calls made in
+    it find the awaiting task's loop (``token``) and its cancellation.
+    """
+
+    __slots__ = (
+        "cancelled",
+        "context",
+        "done",
+        "error",
+        "fn",
+        "notify",
+        "scope",
+        "task",
+        "token",
+        "value",
+    )
 
     def __init__(self, fn: Callable[[], Any], context: Context) -> None:
         self.fn = fn
@@ -79,6 +103,10 @@ class _Job:
         self.notify: Callable[[], object] | None = None
         #: trio: the task waiting for the job, while it waits (only touched on the loop).
         self.task: Any = None
+        # For anyio.from_thread (set on the loop thread, see _from_thread.Link).
+        self.token: EventLoopToken | None = None
+        self.cancelled: Callable[[], NoReturn] | None = None
+        self.scope: anyio.CancelScope | None = None
 
 
 class Worker:
@@ -93,6 +121,8 @@ class Worker:
         "_notifier",
         "_pool",
         "_stopping",
+        "_token",
+        "_trio_token",
         "_wake_fd",
         "owner",
         "thread",
@@ -116,6 +146,9 @@ class Worker:
         #: asyncio: the loop last waited on, and how to wake it (cached: a session keeps its loop).
         self._loop: asyncio.AbstractEventLoop | None = None
         self._notifier: Callable[[asyncio.Future[None]], object] | None = None
+        #: anyio's token of the loop last waited on, and on trio that loop's own token.
+        self._token: EventLoopToken | None = None
+        self._trio_token: object = None
         self.thread: threading.Thread = threading.Thread(
             target=self._main, name=f"sqlalchemy-threadpool-worker-{next(_names)}", daemon=True
         )
@@ -176,19 +209,27 @@ class Worker:
     async def _wait_asyncio(self, job: _Job, loop: asyncio.AbstractEventLoop) -> None:
         notifier = self._notifier
         if loop is not self._loop or notifier is None:
-            notifier = self._notifier = _asyncio_notifier(loop)
-            self._loop = loop
+            notifier, self._token = _asyncio_notifier(loop)
+            self._notifier, self._loop, self._trio_token = notifier, loop, None
+        job.token = self._token
         future = loop.create_future()
         job.notify = partial(notifier, future)
         self._submit(job)
         try:
             await future
-        except BaseException:
+        except BaseException as exc:
             job.notify = None  # cancelled: the caller handles the job from here
+            if isinstance(exc, asyncio.CancelledError):
+                _from_thread.interrupted(job, _from_thread.raise_asyncio_cancelled)
             raise
 
     async def _wait_trio(self, job: _Job) -> None:
         trio = sys.modules["trio"]
+        trio_token = trio.lowlevel.current_trio_token()
+        if trio_token is not self._trio_token:
+            self._token = _anyio_token()
+            self._trio_token, self._loop, self._notifier = trio_token, None, None
+        job.token = self._token
         if _EVENTFD and not self._fd_waiter and len(_in_flight) == 1:
             # Alone in flight, the task waits for the thread's eventfd itself: the I/O manager
             # wakes it directly, without a trip through trio's run_sync_soon queue and its
@@ -206,21 +247,28 @@ class Worker:
                     _read_eventfd(fd)  # (a stale wake-up of an abandoned job: wait on)
                     if job.done:
                         return
-            except BaseException:
+            except BaseException as exc:
                 job.notify = None
+                if isinstance(exc, trio.Cancelled):
+                    _from_thread.interrupted(job, await _from_thread.trio_cancellation())
                 raise
             finally:
                 self._fd_waiter = False
         job.task = trio.lowlevel.current_task()
-        job.notify = partial(trio.lowlevel.current_trio_token().run_sync_soon, _trio_resume, job)
+        job.notify = partial(trio_token.run_sync_soon, _trio_resume, job)
         self._submit(job)
 
-        def abort(raise_cancel: object) -> object:
+        def abort(raise_cancel: Callable[[], NoReturn]) -> object:
             job.task = None
             job.notify = None
+            job.cancelled = raise_cancel  # (as trio's threads keep it for check_cancelled)
             return trio.lowlevel.Abort.SUCCEEDED
 
-        await trio.lowlevel.wait_task_rescheduled(abort)
+        try:
+            await trio.lowlevel.wait_task_rescheduled(abort)
+        except BaseException:
+            _from_thread.interrupted(job, job.cancelled)
+            raise
 
     # -- the thread -----------------------------------------------------------------------
 
@@ -244,6 +292,7 @@ class Worker:
         return sleep
 
     def _main(self) -> None:
+        _from_thread.claim_thread()
         try:
             self._serve()
         finally:  # retired: nobody submits to it or waits on its eventfds any more
@@ -252,7 +301,7 @@ class Worker:
                     os.close(fd)
 
     def _serve(self) -> None:
-        jobs, sleep, pool = self._jobs, self._sleeper(), self._pool
+        jobs, sleep, pool, here = self._jobs, self._sleeper(), self._pool, _from_thread.current
         while True:
             try:
                 job = jobs.popleft()
@@ -264,10 +313,12 @@ class Worker:
                 if pool.retire(self):
                     return
                 continue  # lent to a live session meanwhile
+            here.link = job
             try:
                 job.value = job.context.run(job.fn)
             except BaseException as exc:  # delivered to the awaiting task
                 job.error = exc
+            here.link = None
             # Drop the callable (and what it holds: the session) before waking the task, so a
             # session its caller dropped is collectable as soon as the caller sees the result.
             del job.fn, job.context
@@ -402,10 +453,12 @@ class _LoopWaker:
     then drains with two reads, and resolves in one more callback).
     """
 
-    __slots__ = ("_fd", "_ready")
+    __slots__ = ("_fd", "_ready", "token")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._ready: deque[asyncio.Future[None]] = deque()
+        #: anyio's token of the loop (made once per loop, not once per lending of a thread).
+        self.token = _anyio_token()
         self._fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         try:
             closing = weakref.finalize(loop, os.close, self._fd)  # TypeError: no weakrefs
@@ -484,21 +537,24 @@ _loop_wakers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopWaker] =
 )
 
 
-def _asyncio_notifier(loop: asyncio.AbstractEventLoop) -> Callable[[asyncio.Future[None]], object]:
-    """How a worker thread resolves a future of ``loop`` (called on the loop's thread)."""
+def _asyncio_notifier(
+    loop: asyncio.AbstractEventLoop,
+) -> tuple[Callable[[asyncio.Future[None]], object], EventLoopToken]:
+    """How a worker thread resolves a future of ``loop``, and anyio's token of ``loop`` (for
+    ``anyio.from_thread``); called on the loop's thread."""
     if _EVENTFD:
         try:
             waker = _loop_wakers.get(loop)
             if waker is None:
                 waker = _loop_wakers[loop] = _LoopWaker(loop)
-            return waker.notify
+            return waker.notify, waker.token
         except (NotImplementedError, TypeError):  # no add_reader (proactor), no weakref
             pass
 
     def notify(future: asyncio.Future[None]) -> None:
         loop.call_soon_threadsafe(_resolve, future)
 
-    return notify
+    return notify, _anyio_token()
 
 
 def _resolve(future: asyncio.Future[None]) -> None:
