@@ -5,9 +5,9 @@ anyio's own worker threads: ``anyio.from_thread.run_sync(fn)``, ``anyio.from_thr
 and ``anyio.from_thread.check_cancelled()``. Called without ``token=``, those look for the way
 back in a thread-local that only anyio's ``to_thread.run_sync`` sets, so a dedicated worker
 thread sets it too, once, when it starts (:func:`claim_thread`): to a token whose backend,
-:class:`_WorkerThreadBackend`, serves them for the call the thread is running (its
-:class:`Link`, which the thread keeps in :data:`current` while the call runs), through anyio's
-public ``token=`` arguments with the token of the loop the call came from.
+:class:`_WorkerThreadBackend`, serves them for the call the thread is running (the
+:class:`Link` its :class:`Host` holds while the call runs), through anyio's public ``token=``
+arguments with the token of the loop the call came from.
 
 The contract is that of a thread of ``anyio.to_thread.run_sync(..., abandon_on_cancel=True)``,
 which ``offload="anyio"`` uses:
@@ -40,9 +40,9 @@ from anyio.abc import AsyncBackend
 from anyio.lowlevel import EventLoopToken
 
 __all__ = [
+    "Host",
     "Link",
     "claim_thread",
-    "current",
     "interrupted",
     "raise_asyncio_cancelled",
     "trio_cancellation",
@@ -60,8 +60,16 @@ class Link(Protocol):
     scope: anyio.CancelScope | None
 
 
-#: ``current.link``: the :class:`Link` of the call this worker thread is running.
-current = threading.local()
+class Host(Protocol):
+    """A worker thread, as seen from here."""
+
+    #: The :class:`Link` of the call the thread is running, ``None`` between calls.
+    @property
+    def link(self) -> Link | None: ...
+
+
+#: ``_current.host``: this thread's :class:`Host` (dedicated worker threads only).
+_current = threading.local()
 
 
 def raise_asyncio_cancelled() -> NoReturn:
@@ -97,8 +105,8 @@ def _raise(exc: BaseException) -> NoReturn:
     raise exc.with_traceback(None)
 
 
-def claim_thread() -> None:
-    """Make ``anyio.from_thread`` calls made in this thread without ``token=`` come to us.
+def claim_thread(host: Host) -> None:
+    """Make ``anyio.from_thread`` calls made in this thread without ``token=`` come to ``host``.
 
     This is the one place that touches anyio's internals (checked in anyio 4.11 to 4.16):
     ``anyio._core._eventloop.threadlocals.current_token``, the thread-local that anyio's
@@ -109,6 +117,7 @@ def claim_thread() -> None:
     ``tests/test_from_thread.py`` fails, naming this function, if that changes. Without it,
     those calls raise anyio's ``NoEventLoopError``, as in any thread that is not anyio's.
     """
+    _current.host = host
     threadlocals = _anyio_threadlocals()
     if threadlocals is not None:
         threadlocals.current_token = _TOKEN
@@ -123,7 +132,8 @@ def _anyio_threadlocals() -> Any:
 
 
 def _link() -> Link:
-    link: Link | None = getattr(current, "link", None)
+    host: Host | None = getattr(_current, "host", None)
+    link = None if host is None else host.link
     if link is None or link.token is None:
         raise anyio.NoEventLoopError(
             "This sqlalchemy-threadpool worker thread is not running a call of a session, so "

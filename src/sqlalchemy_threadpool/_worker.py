@@ -124,6 +124,7 @@ class Worker:
         "_token",
         "_trio_token",
         "_wake_fd",
+        "link",
         "owner",
         "thread",
     )
@@ -138,6 +139,8 @@ class Worker:
         self._go = threading.Lock()
         self._go.acquire()
         self._stopping = False  # set by stop(): exit at the next wait instead of waiting
+        #: The job the thread is running (for ``anyio.from_thread``: :mod:`._from_thread`).
+        self.link: _Job | None = None
         #: Who the worker is lent to (guarded by the pool's lock); ``None`` while idle.
         self.owner: weakref.ref[object] | None = owner
         #: trio: an eventfd the thread writes when a job is done (made on first use).
@@ -292,7 +295,7 @@ class Worker:
         return sleep
 
     def _main(self) -> None:
-        _from_thread.claim_thread()
+        _from_thread.claim_thread(self)
         try:
             self._serve()
         finally:  # retired: nobody submits to it or waits on its eventfds any more
@@ -301,7 +304,7 @@ class Worker:
                     os.close(fd)
 
     def _serve(self) -> None:
-        jobs, sleep, pool, here = self._jobs, self._sleeper(), self._pool, _from_thread.current
+        jobs, sleep, pool = self._jobs, self._sleeper(), self._pool
         while True:
             try:
                 job = jobs.popleft()
@@ -313,12 +316,12 @@ class Worker:
                 if pool.retire(self):
                     return
                 continue  # lent to a live session meanwhile
-            here.link = job
+            self.link = job
             try:
                 job.value = job.context.run(job.fn)
             except BaseException as exc:  # delivered to the awaiting task
                 job.error = exc
-            here.link = None
+            self.link = None
             # Drop the callable (and what it holds: the session) before waking the task, so a
             # session its caller dropped is collectable as soon as the caller sees the result.
             del job.fn, job.context
