@@ -3,6 +3,7 @@ handoff both ways, cancellation, errors, context, idle exit, and the ``"anyio"``
 
 from __future__ import annotations
 
+import errno
 import gc
 import itertools
 import os
@@ -438,6 +439,100 @@ async def test_a_thread_lent_to_a_lost_session_exits(sqlite_engine: Engine) -> N
     await anyio.to_thread.run_sync(thread.join, EVENTUALLY)
     assert not thread.is_alive()
     assert worker_pool(pool_timeout).idle == 0
+
+
+class _RetireAfterStopIdle:
+    """A pool's lock that drives one interleaving of ``stop_idle()`` and a retiring thread.
+
+    The worker thread may take the lock only after ``stop_idle()`` has let go of it, and
+    ``stop_idle()`` goes on only once that thread has exited, closed its eventfd and a file of
+    the test has taken the freed descriptor number: a write the pool still makes to the
+    thread's eventfd after letting go of the lock lands in that file.
+    """
+
+    def __init__(self, tmp_path: Path) -> None:
+        self._lock = threading.Lock()
+        self._stopper: int | None = None  # the thread calling stop_idle(), once armed
+        self._released = threading.Event()
+        self._victim_path = tmp_path / "victim"
+        self.worker: _worker.Worker | None = None
+        self.victim: int | None = None  # the file's descriptor: the thread's old eventfd
+
+    def arm(self) -> None:
+        self._stopper = threading.get_ident()
+
+    def __enter__(self) -> None:
+        worker = self.worker
+        if worker is not None and threading.current_thread() is worker.thread:
+            assert self._released.wait(EVENTUALLY)  # retire() only after stop_idle() let go
+        self._lock.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+        if self._stopper != threading.get_ident():
+            return
+        self._stopper = None
+        self._released.set()
+        worker = self.worker
+        assert worker is not None
+        freed = worker._wake_fd
+        worker.thread.join(EVENTUALLY)
+        assert not worker.thread.is_alive()
+        opened = []
+        for _ in range(64):  # the lowest free number is normally the one just freed
+            fd = os.open(self._victim_path, os.O_RDWR | os.O_CREAT | os.O_APPEND)
+            if fd == freed:
+                self.victim = fd
+                break
+            opened.append(fd)
+        for fd in opened:
+            os.close(fd)
+        assert self.victim is not None, "could not reuse the worker's eventfd number"
+
+    def stray_bytes(self) -> int:
+        return self._victim_path.stat().st_size
+
+
+@pytest.mark.skipif(not _worker._EVENTFD, reason="needs eventfd (Linux)")
+def test_stop_idle_never_writes_to_the_eventfd_of_a_thread_that_retired(tmp_path: Path) -> None:
+    """A thread at its idle timeout while stop_idle() runs: stopped or retired, never both."""
+    pool, owner = WorkerPool(0.05), Owner()
+    lock = _RetireAfterStopIdle(tmp_path)
+    pool._lock = lock  # type: ignore[assignment]
+    worker = pool.acquire(owner)
+    lock.worker = worker
+    pool.release(worker)
+    lock.arm()
+    try:
+        stopped = pool.stop_idle()
+    finally:
+        if lock.victim is not None:
+            os.close(lock.victim)
+    assert stopped == 1
+    assert lock.stray_bytes() == 0  # nothing was written to the file that reused the number
+    assert pool.idle == 0
+
+
+@pytest.mark.skipif(_worker._write_keeping_gil is None, reason="needs eventfd and libc (Linux)")
+def test_the_libc_eventfd_calls_raise_on_a_bad_descriptor() -> None:
+    write, read = _worker._write_keeping_gil, _worker._read_eventfd
+    assert write is not None
+    for call in (write, read):
+        with pytest.raises(OSError, match="Bad file descriptor") as caught:
+            call(-1)
+        assert caught.value.errno == errno.EBADF
+    fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    try:
+        read(fd)  # nothing to read (EAGAIN): already reset, not an error
+        write(fd)
+        write(fd)
+        assert os.eventfd_read(fd) == 2
+        write(fd)
+        read(fd)
+        with pytest.raises(BlockingIOError):  # the read reset the counter
+            os.eventfd_read(fd)
+    finally:
+        os.close(fd)
 
 
 _PORTABLE_WAKEUPS = """

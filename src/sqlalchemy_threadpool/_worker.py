@@ -29,14 +29,16 @@ maker's limiter bounds how many sessions (and so threads) are busy at once.
 This module only moves callables and results; the start/abandon handshake, cancellation and
 cleanup policy live in :mod:`._offload`. :meth:`Worker.call` keeps the contract that
 ``anyio.to_thread.run_sync(..., abandon_on_cancel=True)`` has: the callable runs in a copy of
-the caller's context, its exception is re-raised unchanged, and a cancellation of the awaiting
-task is seen at once, without waiting for the thread.
+the caller's context, its exception is re-raised unchanged, a cancellation of the awaiting
+task is seen at once, without waiting for the thread, and the callable may call back into the
+loop with ``anyio.from_thread`` (each job is the :class:`~._from_thread.Link` that serves it).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import select
@@ -48,7 +50,15 @@ from collections.abc import Callable
 from contextvars import Context, copy_context
 from functools import partial
 from itertools import count
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+
+from anyio.lowlevel import current_token as _anyio_token
+
+from . import _from_thread
+
+if TYPE_CHECKING:
+    import anyio
+    from anyio.lowlevel import EventLoopToken
 
 __all__ = ["IDLE_TIMEOUT", "Worker", "WorkerPool", "stop_idle_workers", "worker_pool"]
 
@@ -64,9 +74,24 @@ _names = count(1)
 
 
 class _Job:
-    """One call handed to a worker thread; written by the thread, read after its wake-up."""
+    """One call handed to a worker thread; written by the thread, read after its wake-up.
 
-    __slots__ = ("context", "done", "error", "fn", "notify", "task", "value")
+    Also the :class:`~._from_thread.Link` of the call: how ``anyio.from_thread`` calls made in
+    it find the awaiting task's loop (``token``) and its cancellation.
+    """
+
+    __slots__ = (
+        "cancelled",
+        "context",
+        "done",
+        "error",
+        "fn",
+        "notify",
+        "scope",
+        "task",
+        "token",
+        "value",
+    )
 
     def __init__(self, fn: Callable[[], Any], context: Context) -> None:
         self.fn = fn
@@ -78,6 +103,10 @@ class _Job:
         self.notify: Callable[[], object] | None = None
         #: trio: the task waiting for the job, while it waits (only touched on the loop).
         self.task: Any = None
+        # For anyio.from_thread (set on the loop thread, see _from_thread.Link).
+        self.token: EventLoopToken | None = None
+        self.cancelled: Callable[[], NoReturn] | None = None
+        self.scope: anyio.CancelScope | None = None
 
 
 class Worker:
@@ -92,7 +121,10 @@ class Worker:
         "_notifier",
         "_pool",
         "_stopping",
+        "_token",
+        "_trio_token",
         "_wake_fd",
+        "link",
         "owner",
         "thread",
     )
@@ -107,6 +139,8 @@ class Worker:
         self._go = threading.Lock()
         self._go.acquire()
         self._stopping = False  # set by stop(): exit at the next wait instead of waiting
+        #: The job the thread is running (for ``anyio.from_thread``: :mod:`._from_thread`).
+        self.link: _Job | None = None
         #: Who the worker is lent to (guarded by the pool's lock); ``None`` while idle.
         self.owner: weakref.ref[object] | None = owner
         #: trio: an eventfd the thread writes when a job is done (made on first use).
@@ -115,6 +149,9 @@ class Worker:
         #: asyncio: the loop last waited on, and how to wake it (cached: a session keeps its loop).
         self._loop: asyncio.AbstractEventLoop | None = None
         self._notifier: Callable[[asyncio.Future[None]], object] | None = None
+        #: anyio's token of the loop last waited on, and on trio that loop's own token.
+        self._token: EventLoopToken | None = None
+        self._trio_token: object = None
         self.thread: threading.Thread = threading.Thread(
             target=self._main, name=f"sqlalchemy-threadpool-worker-{next(_names)}", daemon=True
         )
@@ -149,7 +186,11 @@ class Worker:
         self._loop = self._notifier = None
 
     def stop(self) -> None:
-        """Make the (idle, pool-less) thread exit now instead of after its idle timeout."""
+        """Make the idle thread exit now instead of after its idle timeout.
+
+        Only :meth:`WorkerPool.stop_idle` calls it, under the pool's lock and for a thread it
+        took out of the pool: the thread cannot have retired, so its eventfd is still open.
+        """
         self._stopping = True
         self._wake()
 
@@ -171,19 +212,27 @@ class Worker:
     async def _wait_asyncio(self, job: _Job, loop: asyncio.AbstractEventLoop) -> None:
         notifier = self._notifier
         if loop is not self._loop or notifier is None:
-            notifier = self._notifier = _asyncio_notifier(loop)
-            self._loop = loop
+            notifier, self._token = _asyncio_notifier(loop)
+            self._notifier, self._loop, self._trio_token = notifier, loop, None
+        job.token = self._token
         future = loop.create_future()
         job.notify = partial(notifier, future)
         self._submit(job)
         try:
             await future
-        except BaseException:
+        except BaseException as exc:
             job.notify = None  # cancelled: the caller handles the job from here
+            if isinstance(exc, asyncio.CancelledError):
+                _from_thread.interrupted(job, _from_thread.raise_asyncio_cancelled)
             raise
 
     async def _wait_trio(self, job: _Job) -> None:
         trio = sys.modules["trio"]
+        trio_token = trio.lowlevel.current_trio_token()
+        if trio_token is not self._trio_token:
+            self._token = _anyio_token()
+            self._trio_token, self._loop, self._notifier = trio_token, None, None
+        job.token = self._token
         if _EVENTFD and not self._fd_waiter and len(_in_flight) == 1:
             # Alone in flight, the task waits for the thread's eventfd itself: the I/O manager
             # wakes it directly, without a trip through trio's run_sync_soon queue and its
@@ -201,21 +250,28 @@ class Worker:
                     _read_eventfd(fd)  # (a stale wake-up of an abandoned job: wait on)
                     if job.done:
                         return
-            except BaseException:
+            except BaseException as exc:
                 job.notify = None
+                if isinstance(exc, trio.Cancelled):
+                    _from_thread.interrupted(job, await _from_thread.trio_cancellation())
                 raise
             finally:
                 self._fd_waiter = False
         job.task = trio.lowlevel.current_task()
-        job.notify = partial(trio.lowlevel.current_trio_token().run_sync_soon, _trio_resume, job)
+        job.notify = partial(trio_token.run_sync_soon, _trio_resume, job)
         self._submit(job)
 
-        def abort(raise_cancel: object) -> object:
+        def abort(raise_cancel: Callable[[], NoReturn]) -> object:
             job.task = None
             job.notify = None
+            job.cancelled = raise_cancel  # (as trio's threads keep it for check_cancelled)
             return trio.lowlevel.Abort.SUCCEEDED
 
-        await trio.lowlevel.wait_task_rescheduled(abort)
+        try:
+            await trio.lowlevel.wait_task_rescheduled(abort)
+        except BaseException:
+            _from_thread.interrupted(job, job.cancelled)
+            raise
 
     # -- the thread -----------------------------------------------------------------------
 
@@ -239,6 +295,7 @@ class Worker:
         return sleep
 
     def _main(self) -> None:
+        _from_thread.claim_thread(self)
         try:
             self._serve()
         finally:  # retired: nobody submits to it or waits on its eventfds any more
@@ -252,15 +309,19 @@ class Worker:
             try:
                 job = jobs.popleft()
             except IndexError:
-                if self._stopping:
+                if not self._stopping and sleep():
+                    continue  # new work (or a stale wake-up)
+                # Stopped, or the idle wait ended: whether it leaves is decided under the
+                # pool's lock, after which nobody writes its eventfds (``_main`` closes them).
+                if pool.retire(self):
                     return
-                if sleep() or not pool.retire(self):
-                    continue  # new work, or the idle wait ended while lent to a live session
-                return
+                continue  # lent to a live session meanwhile
+            self.link = job
             try:
                 job.value = job.context.run(job.fn)
             except BaseException as exc:  # delivered to the awaiting task
                 job.error = exc
+            self.link = None
             # Drop the callable (and what it holds: the session) before waking the task, so a
             # session its caller dropped is collectable as soon as the caller sees the result.
             del job.fn, job.context
@@ -309,10 +370,18 @@ class WorkerPool:
             self._idle.append(worker)
 
     def retire(self, worker: Worker) -> bool:
-        """Called by a thread whose idle wait timed out: whether it leaves the pool now."""
+        """Called by a thread that was stopped or whose idle wait timed out: whether it leaves.
+
+        Stopping (:meth:`stop_idle`) and retiring are one decision under the pool's lock: a
+        stopped thread's wake-up was written under the lock, before this returns; a thread
+        that retires itself leaves the idle list here, so :meth:`stop_idle` never sees it.
+        Either way the pool is done with the thread's eventfds before the thread closes them.
+        """
         with self._lock:
-            if worker.owner is None:
-                if worker in self._idle:  # (stop_idle() may have taken it already)
+            if worker._stopping:
+                return True
+            if worker.owner is None:  # idle: in the list until now
+                if worker in self._idle:
                     self._idle.remove(worker)
                 return True
             if worker.owner() is None:  # lent to a session that no longer exists
@@ -324,8 +393,8 @@ class WorkerPool:
         """Make every idle thread exit now; return how many there were."""
         with self._lock:
             idle, self._idle = self._idle, []
-        for worker in idle:
-            worker.stop()
+            for worker in idle:  # under the lock: none of them can retire meanwhile
+                worker.stop()
         return len(idle)
 
     @property
@@ -387,10 +456,12 @@ class _LoopWaker:
     then drains with two reads, and resolves in one more callback).
     """
 
-    __slots__ = ("_fd", "_ready")
+    __slots__ = ("_fd", "_ready", "token")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._ready: deque[asyncio.Future[None]] = deque()
+        #: anyio's token of the loop (made once per loop, not once per lending of a thread).
+        self.token = _anyio_token()
         self._fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         try:
             closing = weakref.finalize(loop, os.close, self._fd)  # TypeError: no weakrefs
@@ -426,10 +497,11 @@ def _libc_eventfd_calls() -> tuple[Callable[[int], None], Callable[[int], None]]
     try:
         import ctypes
 
-        libc = ctypes.PyDLL(None)
+        libc = ctypes.PyDLL(None, use_errno=True)
         c_write, c_read = libc.eventfd_write, libc.eventfd_read
     except (ImportError, OSError, AttributeError):  # no ctypes, or a libc without them
         return None
+    get_errno = ctypes.get_errno
     c_write.argtypes = [ctypes.c_int, ctypes.c_uint64]
     c_write.restype = ctypes.c_int
     c_read.argtypes = [ctypes.c_int, ctypes.c_void_p]
@@ -439,10 +511,15 @@ def _libc_eventfd_calls() -> tuple[Callable[[int], None], Callable[[int], None]]
     where = ctypes.byref(counter)
 
     def write(fd: int) -> None:
-        c_write(fd, 1)
+        if c_write(fd, 1):  # -1: failed (EBADF: not an open eventfd), as os.eventfd_write raises
+            code = get_errno()
+            raise OSError(code, f"eventfd_write({fd}): {os.strerror(code)}")
 
     def read(fd: int) -> None:
-        c_read(fd, where)  # -1 (EAGAIN) when already reset: nothing to do either way
+        if c_read(fd, where):
+            code = get_errno()
+            if code != errno.EAGAIN:  # EAGAIN: already reset, nothing to do
+                raise OSError(code, f"eventfd_read({fd}): {os.strerror(code)}")
 
     return write, read
 
@@ -463,21 +540,24 @@ _loop_wakers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopWaker] =
 )
 
 
-def _asyncio_notifier(loop: asyncio.AbstractEventLoop) -> Callable[[asyncio.Future[None]], object]:
-    """How a worker thread resolves a future of ``loop`` (called on the loop's thread)."""
+def _asyncio_notifier(
+    loop: asyncio.AbstractEventLoop,
+) -> tuple[Callable[[asyncio.Future[None]], object], EventLoopToken]:
+    """How a worker thread resolves a future of ``loop``, and anyio's token of ``loop`` (for
+    ``anyio.from_thread``); called on the loop's thread."""
     if _EVENTFD:
         try:
             waker = _loop_wakers.get(loop)
             if waker is None:
                 waker = _loop_wakers[loop] = _LoopWaker(loop)
-            return waker.notify
+            return waker.notify, waker.token
         except (NotImplementedError, TypeError):  # no add_reader (proactor), no weakref
             pass
 
     def notify(future: asyncio.Future[None]) -> None:
         loop.call_soon_threadsafe(_resolve, future)
 
-    return notify
+    return notify, _anyio_token()
 
 
 def _resolve(future: asyncio.Future[None]) -> None:
