@@ -64,8 +64,11 @@ def test_every_configuration_error_cause_is_on_the_errors_page() -> None:
     for where, start in sites:
         argument = re.match(r"(\w+)(?: must|=)", start)
         engine = re.match(r"This (\w+) engine", start)
+        method = re.match(r"(\w+)\(\) cannot", start)
         if argument:
             expected = f"`{argument[1]}=`"
+        elif method:
+            expected = f"`{method[1]}()`"
         elif engine:
             expected = engine[1]
         else:
