@@ -4,14 +4,15 @@ A session is *admitted* while it may hold a connection: it has borrowed one of i
 :class:`anyio.CapacityLimiter` tokens (sized to the connection pool) through a :class:`Ticket`.
 The ticket, not the session, is the borrower, so that a session dropped without being closed
 stays collectable; :func:`release_lost`, its finalizer, gives the token back on the event loop.
-:data:`admitted` lists the admitted sessions for ``shutdown()``. The admission itself (waiting,
-its timeout) is :meth:`~._offload.Offloader.call`'s.
+:data:`admitted` lists the admitted sessions for ``shutdown()``; a forked child forgets those of
+its parent. The admission itself (waiting, its timeout) is :meth:`~._offload.Offloader.call`'s.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 import weakref
 from collections.abc import Callable
@@ -34,8 +35,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Admitted sessions (they may hold a connection), for ``shutdown()``.
-admitted: weakref.WeakSet[Offloader] = weakref.WeakSet()
+#: Admitted sessions (they may hold a connection), for ``shutdown()``, and their tickets.
+admitted: weakref.WeakKeyDictionary[Offloader, Ticket] = weakref.WeakKeyDictionary()
 
 
 def admitted_offloaders(engine: Engine) -> list[Offloader]:
@@ -99,3 +100,42 @@ def release_lost(ticket: Ticket) -> None:
         "`async with maker() as sess:`, `async with threadpool_session(...)`, or "
         "`await sess.close()`"
     )
+
+
+# -- a forked child ----------------------------------------------------------------------------
+
+#: Sessions a forked child inherited while they were admitted in its parent: kept referenced
+#: and never used, so that collecting them cannot roll back or close (on a socket the parent
+#: still uses) the connection they hold, nor give their tokens back a second time.
+_inherited: list[Offloader] = []
+
+_INHERITED = (
+    "it was running in the process that forked this one, which still owns its transaction "
+    "and its connection"
+)
+
+
+def _after_fork_in_child() -> None:
+    """A forked child: the parent's admitted sessions are not admitted here.
+
+    Their tasks and threads do not exist in the child, and their connections belong to the
+    parent: ``shutdown()`` in the child must not cancel, sever or roll them back. So they are
+    forgotten, their scope ended (using one raises :class:`SessionClosedError`), and the tokens
+    they had borrowed given back to their limiters (the maker's own limiter is replaced in the
+    child anyway; one passed with ``limiter=`` is kept).
+    """
+    inherited = list(admitted.items())
+    admitted.clear()
+    for offloader, ticket in inherited:
+        offloader.end_scope(_INHERITED)
+        _inherited.append(offloader)
+        if ticket.held:
+            ticket.held = False
+            try:
+                ticket.limiter.release_on_behalf_of(ticket)
+            except Exception:  # it woke a waiter of a loop the child does not run
+                logger.debug("giving back a token after fork failed", exc_info=True)
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows, which does not fork
+    os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import weakref
 from collections.abc import Callable, Coroutine
@@ -117,6 +118,16 @@ class WorkerCall:
 
 _engines: weakref.WeakSet[Engine] = weakref.WeakSet()
 _engines_lock = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child: a new lock (a parent thread may have held it when the process forked)."""
+    global _engines_lock
+    _engines_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows, which does not fork
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def install_offload_events(maker: sessionmaker[Any]) -> None:

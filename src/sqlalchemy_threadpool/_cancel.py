@@ -266,6 +266,18 @@ def _mysql_canceller(engine: Engine) -> _MySQLCanceller:
 
 
 def _after_fork_in_child() -> None:
+    """A forked child: new locks, and none of the parent's sessions' connections to cancel.
+
+    A parent thread may have held any of the locks when the process forked; in the child
+    nobody ever releases them. The sessions the parent was running are not the child's (their
+    connections' sockets are shared with the parent): the child must never cancel or sever
+    what they run, so it forgets them. A connection's own ``_CANCEL_LOCK`` needs no reset: one
+    that a parent thread held is checked out by a parent session (or in the middle of its
+    check-in, which waits for the lock), so the child never gets it from the pool.
+    """
+    global _connections, _connections_lock
+    _connections_lock = threading.Lock()
+    _connections = weakref.WeakKeyDictionary()
     for canceller in list(_mysql_cancellers.values()):
         canceller._after_fork_in_child()
 

@@ -36,6 +36,7 @@ transaction.
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import threading
 import warnings
@@ -153,6 +154,16 @@ _owned: weakref.WeakKeyDictionary[Connection, _SessionGuard] = weakref.WeakKeyDi
 #: Engines that carry our connection-level listeners.
 _engines: weakref.WeakSet[Engine] = weakref.WeakSet()
 _engines_lock = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child: a new lock (a parent thread may have held it when the process forked)."""
+    global _engines_lock
+    _engines_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows, which does not fork
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _guard_of(session: Session, mode: GuardMode) -> _SessionGuard:

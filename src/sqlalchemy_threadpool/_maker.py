@@ -9,7 +9,9 @@ installs on the sessions it makes the row pre-buffering and the event-loop guard
 from __future__ import annotations
 
 import math
+import os
 import warnings
+import weakref
 from types import TracebackType
 from typing import Any, Literal, NamedTuple
 
@@ -230,6 +232,10 @@ class threadpool_sessionmaker:
         self._settings = settings
         self._options: dict[str, Any] = settings.options
         self.limiter: anyio.CapacityLimiter = settings.limiter
+        if isinstance(settings.options["limiter"], anyio.CapacityLimiter):
+            _own_limiters.discard(self)
+        else:
+            _own_limiters.add(self)  # a forked child gets a fresh one
         self.admission_timeout: float | None = settings.admission_timeout
         self.cancel_statements: bool = settings.options["cancel_statements"]
         self._canceller: StatementCanceller | None = settings.canceller
@@ -262,6 +268,26 @@ class _BeginContext:
         tb: TracebackType | None,
     ) -> None:
         await self.session.end(commit=exc_type is None, reason="its `maker.begin()` block exited")
+
+
+#: Makers whose limiter they made themselves (not one passed with ``limiter=``).
+_own_limiters: weakref.WeakSet[threadpool_sessionmaker] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child: each maker's own limiter is replaced by a fresh one of the same size.
+
+    The parent's tokens were borrowed by tasks that do not exist in the child, tasks of loops
+    it does not run may be queued in it, and it may be bound to the parent's event loop
+    library (anyio binds a limiter to the first one that uses it) while the child runs another.
+    """
+    for maker in list(_own_limiters):
+        maker.limiter = anyio.CapacityLimiter(maker.limiter.total_tokens)
+        maker._settings = maker._settings._replace(limiter=maker.limiter)
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows, which does not fork
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _prebuffer_rows(state: ORMExecuteState) -> None:

@@ -244,13 +244,13 @@ class Offloader:
             pass
         else:
             self._admitted = ticket.held = True
-            admitted.add(self)
+            admitted[self] = ticket
             return
         deadline = math.inf if self._admission_timeout is None else self._admission_timeout
         with anyio.move_on_after(deadline) as scope:
             await self._limiter.acquire_on_behalf_of(ticket)
             self._admitted = ticket.held = True
-            admitted.add(self)
+            admitted[self] = ticket
         if scope.cancelled_caught:
             raise AdmissionTimeoutError(
                 f"No database connection became free within {self._admission_timeout:g} s: all "
@@ -264,7 +264,7 @@ class Offloader:
             return
         if self._admitted:
             self._admitted = False
-            admitted.discard(self)
+            admitted.pop(self, None)
             ticket = self._ticket
             assert ticket is not None
             ticket.held = False
