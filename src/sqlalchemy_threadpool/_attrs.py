@@ -1,8 +1,8 @@
 """Finding the ``ThreadpoolSession`` that owns an ORM object, and awaitable attributes through it.
 
 The counterparts of ``sqlalchemy.ext.asyncio``'s :class:`~sqlalchemy.ext.asyncio.AsyncAttrs`,
-:func:`~sqlalchemy.ext.asyncio.async_object_session` and
-:func:`~sqlalchemy.ext.asyncio.async_session`::
+``sqlalchemy.ext.asyncio.async_object_session`` and
+``sqlalchemy.ext.asyncio.async_session``::
 
     class Base(ThreadpoolAttrs, DeclarativeBase):
         pass
@@ -52,7 +52,7 @@ def remember_facade(sync_session: Session, facade: ThreadpoolSession) -> None:
 def threadpool_session_of(session: Session) -> ThreadpoolSession | None:
     """The :class:`ThreadpoolSession` over a sync :class:`~sqlalchemy.orm.Session`, if any.
 
-    The counterpart of :func:`sqlalchemy.ext.asyncio.async_session`: the same object every
+    The counterpart of ``sqlalchemy.ext.asyncio.async_session``: the same object every
     time, or ``None`` for a session that no ``ThreadpoolSession`` wraps (one made with a plain
     :class:`~sqlalchemy.orm.sessionmaker`) or whose facade has been garbage-collected. Handy
     in SQLAlchemy event listeners, which receive the sync session.
@@ -64,10 +64,10 @@ def threadpool_session_of(session: Session) -> ThreadpoolSession | None:
 def threadpool_object_session(instance: object) -> ThreadpoolSession | None:
     """The :class:`ThreadpoolSession` that ``instance`` belongs to, or ``None``.
 
-    The counterpart of :func:`sqlalchemy.ext.asyncio.async_object_session`: it looks up the
-    sync session with :func:`sqlalchemy.orm.object_session`, then its facade with
+    The counterpart of ``sqlalchemy.ext.asyncio.async_object_session``: it looks up the
+    sync session with ``sqlalchemy.orm.object_session``, then its facade with
     :func:`threadpool_session_of`. ``None`` for a transient or detached object. An object that
-    is not mapped raises :class:`sqlalchemy.orm.exc.UnmappedInstanceError`, as there.
+    is not mapped raises ``sqlalchemy.orm.exc.UnmappedInstanceError``, as there.
     """
     session = object_session(instance)
     return None if session is None else threadpool_session_of(session)
@@ -93,7 +93,7 @@ class ThreadpoolAttrs:
 
     An object without a session (transient or detached) is read as ``AsyncAttrs`` reads it:
     loaded and transient values are returned, and an attribute that would need loading raises
-    :class:`sqlalchemy.orm.exc.DetachedInstanceError`. An object whose session is not a
+    ``sqlalchemy.orm.exc.DetachedInstanceError``. An object whose session is not a
     ``ThreadpoolSession``'s (a plain ``Session``) raises
     :class:`~sqlalchemy_threadpool.NoSessionError`: its IO would block the event loop.
     """

@@ -1,6 +1,6 @@
 """SQLModel: a ``ThreadpoolSession`` with SQLModel's ``exec()``, and the maker that makes it.
 
-The counterpart of :class:`sqlmodel.ext.asyncio.session.AsyncSession` for blocking drivers::
+The counterpart of ``sqlmodel.ext.asyncio.session.AsyncSession`` for blocking drivers::
 
     from sqlmodel import select
     from sqlalchemy_threadpool.integrations.sqlmodel import sqlmodel_sessionmaker
@@ -10,7 +10,7 @@ The counterpart of :class:`sqlmodel.ext.asyncio.session.AsyncSession` for blocki
     async with Session() as sess:
         heroes = (await sess.exec(select(Hero).offset(0).limit(10))).all()
 
-``await sess.exec(...)`` runs :meth:`sqlmodel.Session.exec` in the session's worker thread and
+``await sess.exec(...)`` runs ``sqlmodel.Session.exec`` in the session's worker thread and
 returns its result fully buffered (``select(Hero)`` gives a ``ScalarResult[Hero]``), typed as
 SQLModel's ``AsyncSession.exec``. In FastAPI, serve it with the usual dependency::
 
@@ -40,7 +40,7 @@ __all__ = ["ThreadpoolSQLModelSession", "sqlmodel_sessionmaker"]
 
 
 class ThreadpoolSQLModelSession(ThreadpoolSession):
-    """A :class:`~sqlalchemy_threadpool.ThreadpoolSession` over a :class:`sqlmodel.Session`.
+    """A :class:`~sqlalchemy_threadpool.ThreadpoolSession` over a ``sqlmodel.Session``.
 
     Everything a ``ThreadpoolSession`` has, plus :meth:`exec`. Made by
     :class:`sqlmodel_sessionmaker`.
@@ -49,7 +49,7 @@ class ThreadpoolSQLModelSession(ThreadpoolSession):
     __slots__ = ()
 
     sync_session: SQLModelSession
-    """The :class:`sqlmodel.Session` behind the facade; use it inside :meth:`run`."""
+    """The ``sqlmodel.Session`` behind the facade; use it inside :meth:`run`."""
 
     if TYPE_CHECKING:
         # A ParamSpec cannot carry overloads: the types are those of the installed SQLModel's
@@ -58,17 +58,17 @@ class ThreadpoolSQLModelSession(ThreadpoolSession):
         exec = _SQLMODEL_ASYNC_SESSION.exec
     else:
         exec = _offloaded(SQLModelSession.exec)
-        """Run :meth:`sqlmodel.Session.exec` in a worker; the result comes back buffered."""
+        """Run ``sqlmodel.Session.exec`` in a worker; the result comes back buffered."""
 
 
 class sqlmodel_sessionmaker(threadpool_sessionmaker):
     """A :class:`~sqlalchemy_threadpool.threadpool_sessionmaker` of SQLModel sessions.
 
     It takes the same arguments; its sessions are :class:`ThreadpoolSQLModelSession` objects
-    over :class:`sqlmodel.Session` (or the ``sync_session_class=`` given, a subclass of it).
+    over ``sqlmodel.Session`` (or the ``sync_session_class=`` given, a subclass of it).
     Use it wherever a ``threadpool_sessionmaker`` goes: ``threadpool_session(maker)``,
-    :class:`~sqlalchemy_threadpool.integrations.asgi.SessionMiddleware`,
-    :func:`~sqlalchemy_threadpool.integrations.fastapi.session_dependency`, ``shutdown()``.
+    ``SessionMiddleware``,
+    ``session_dependency()``, ``shutdown()``.
     """
 
     _session_class: ClassVar[type[ThreadpoolSession]] = ThreadpoolSQLModelSession
