@@ -73,6 +73,7 @@ nitpick_ignore_regex = [
     ("py:class", r"OrmExecuteOptionsParameter|TypedReturnsRows"),
     ("py:class", r"sqlalchemy\.engine\.row\.Row"),  # not in SQLAlchemy's inventory
     ("py:class", r"Offloader"),  # ThreadpoolSession.__init__: sessions come from a maker
+    ("py:class", r"sqlmodel\..*"),  # SQLModel's docs (MkDocs) publish no Sphinx inventory
 ]
 
 #: Where annotations name a class by its defining module, the name the docs use for it.

@@ -511,7 +511,16 @@ async def test_starlette_example(db_url: str, engine: Engine) -> None:
 
 # -- import hygiene -------------------------------------------------------------------------
 
-FRAMEWORKS = ("starlette", "fastapi", "litestar", "pydantic", "httpx", "uvicorn", "hypercorn")
+FRAMEWORKS = (
+    "starlette",
+    "fastapi",
+    "litestar",
+    "pydantic",
+    "sqlmodel",
+    "httpx",
+    "uvicorn",
+    "hypercorn",
+)
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,9 @@
         users = await sess.run(lambda s: s.scalars(select(User)))
 """
 
+from ._attrs import ThreadpoolAttrs as ThreadpoolAttrs
+from ._attrs import threadpool_object_session as threadpool_object_session
+from ._attrs import threadpool_session_of as threadpool_session_of
 from ._context import bind_session as bind_session
 from ._context import current_session as current_session
 from ._context import get_default_sessionmaker as get_default_sessionmaker
@@ -45,6 +48,7 @@ __all__ = [
     "NoSessionError",
     "SessionClosedError",
     "SessionOwnershipError",
+    "ThreadpoolAttrs",
     "ThreadpoolSession",
     "ThreadpoolSessionError",
     "ThreadpoolSessionTransaction",
@@ -60,7 +64,9 @@ __all__ = [
     "run_transaction",
     "set_default_sessionmaker",
     "shutdown",
+    "threadpool_object_session",
     "threadpool_session",
+    "threadpool_session_of",
     "threadpool_sessionmaker",
 ]
 

@@ -4,7 +4,8 @@ Our own errors share one base class; database errors raised in a worker thread a
 wrapped and reach the caller unchanged (``except IntegrityError`` keeps working)::
 
     ThreadpoolSessionError
-    ├── NoSessionError              current_session() with nothing bound
+    ├── NoSessionError              current_session() with nothing bound, or
+    │                               awaitable_attrs on an object no ThreadpoolSession owns
     ├── SessionClosedError          IO on a session whose scope has ended
     ├── ConfigurationError          a maker that cannot work (also a ValueError)
     ├── AdmissionTimeoutError       no connection capacity within the admission timeout
@@ -45,7 +46,11 @@ class ThreadpoolSessionError(Exception):
 
 
 class NoSessionError(ThreadpoolSessionError, LookupError):
-    """``current_session()`` was called where no session is bound."""
+    """No ``ThreadpoolSession`` where one is needed.
+
+    ``current_session()`` was called where no session is bound, or ``awaitable_attrs`` was
+    used on an object whose session is not a ``ThreadpoolSession``'s.
+    """
 
 
 class SessionClosedError(ThreadpoolSessionError):

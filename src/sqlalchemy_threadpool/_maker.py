@@ -13,7 +13,7 @@ import os
 import warnings
 import weakref
 from types import TracebackType
-from typing import Any, Literal, NamedTuple
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import anyio
 from sqlalchemy import event
@@ -102,6 +102,9 @@ class threadpool_sessionmaker:
         defaults to ``False`` (reading an expired attribute would be IO on the event loop).
     """
 
+    #: The facade class this maker makes; a subclass may make a subclass of it (SQLModel's).
+    _session_class: ClassVar[type[ThreadpoolSession]] = ThreadpoolSession
+
     def __init__(
         self,
         bind: Engine | Connection | None = None,
@@ -153,7 +156,7 @@ class threadpool_sessionmaker:
             strict=self.strict,
             workers=self._workers,
         )
-        return ThreadpoolSession(sync_session, offloader, self)
+        return self._session_class(sync_session, offloader, self)
 
     def begin(self) -> _BeginContext:
         """``async with maker.begin() as sess:`` commits on success, rolls back on error."""

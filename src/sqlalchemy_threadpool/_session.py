@@ -22,6 +22,7 @@ from sqlalchemy.exc import InvalidRequestError
 from sqlalchemy.orm import Session, SessionTransaction, object_session
 from typing_extensions import ParamSpec, Self, TypeVarTuple, Unpack
 
+from ._attrs import remember_facade
 from ._offload import Offloader
 from ._results import check_callable, make_loop_safe
 from ._streams import ThreadpoolStreamResult, ThreadpoolStreamScalarResult, open_stream
@@ -130,6 +131,7 @@ class ThreadpoolSession:
         self._offloader = offloader
         self.maker: threadpool_sessionmaker = maker
         """The maker that made this session."""
+        remember_facade(sync_session, self)  # for threadpool_session_of() / ThreadpoolAttrs
 
     def __repr__(self) -> str:
         state = "closed" if self._offloader.closed else "open"
