@@ -150,7 +150,7 @@ class Offloader:
             raise SessionClosedError(
                 f"This session's scope has ended ({self._closed_reason}); it cannot run SQL "
                 "any more. Use the session only inside its `async with threadpool_session(...)` "
-                "or `async with maker() as sess` block, or open a new one."
+                "block (or the request that owns it), or open a new one."
             )
 
     def check_usable(self) -> None:
@@ -216,6 +216,15 @@ class Offloader:
         Cleanup is never refused, not even to a non-owner task.
         """
         await to_the_end(self._finish(commit=commit))
+
+    async def close(self) -> None:
+        """Roll back and close, shielded; the session stays usable (``async with sess:``).
+
+        No admission and no thread when there is no transaction; a failed unit of work is
+        acknowledged, as by ``close()``.
+        """
+        await self.finish(commit=False)
+        self._failure = None
 
     async def _finish(self, *, commit: bool) -> None:
         async with self._lock:
