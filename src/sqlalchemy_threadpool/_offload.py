@@ -218,13 +218,28 @@ class Offloader:
         await to_the_end(self._finish(commit=commit))
 
     async def close(self) -> None:
-        """Roll back and close, shielded; the session stays usable (``async with sess:``).
+        """``Session.close()``, shielded; the session stays usable (``async with sess:``).
 
-        No admission and no thread when there is no transaction; a failed unit of work is
-        acknowledged, as by ``close()``.
+        As ``AsyncSession``'s exit: the transaction is rolled back without expiring the
+        objects, which are detached with their loaded state. No admission and no thread when
+        there is no transaction; a failed unit of work is acknowledged, as by ``close()``. If
+        closing fails, the connection is invalidated and the error propagates.
         """
-        await self.finish(commit=False)
-        self._failure = None
+        await to_the_end(self._close())
+
+    async def _close(self) -> None:
+        async with self._lock:
+            self._failure = None
+            try:
+                if self.session.in_transaction():
+                    await self._dispatch(self.session.close)
+                else:
+                    self.session.close()  # no transaction, so no connection: no IO
+            except Exception:
+                await self._cleanup(invalidate=True)
+                raise
+            finally:
+                self._release_if_idle()
 
     async def _finish(self, *, commit: bool) -> None:
         async with self._lock:
