@@ -93,8 +93,11 @@ async def test_sessions_made_directly_queue_for_a_pool_of_one(pool_of_one: Engin
         async with first, anyio.create_task_group() as group:
             assert await first.scalar(text("SELECT 1")) == 1  # holds the one connection
             group.start_soon(use_second)
-            while limiter.statistics().tasks_waiting < 1:
+            for _ in range(1000):  # bounded by fail_after
+                if limiter.statistics().tasks_waiting == 1:
+                    break
                 await anyio.sleep(0.005)
+            assert limiter.statistics().tasks_waiting == 1  # waits on the loop, no thread
             assert checked_out(pool_of_one) == 1  # the second holds no connection meanwhile
             order.append("first")
             await first.commit()  # gives the connection and the admission back
@@ -185,7 +188,8 @@ async def test_maker_begin_commits_rolls_back_and_the_session_is_reusable(
     async with maker.begin() as sess:
         assert sess.in_transaction()  # begun, as async_sessionmaker.begin()'s
         transaction = sess.get_transaction()
-        assert transaction is not None and transaction.is_active
+        assert transaction is not None
+        assert transaction.is_active
         with pytest.raises(InvalidRequestError):
             await sess.begin()  # already begun
         sess.add(User(name="ada"))
@@ -213,11 +217,14 @@ async def test_get_transaction_wraps_the_sync_ones(engine: Engine) -> None:
         assert sess.get_nested_transaction() is None
         await sess.scalar(text("SELECT 1"))
         root = sess.get_transaction()
-        assert root is not None and not root.nested
+        assert root is not None
+        assert not root.nested
         assert root.sync_transaction is sess.sync_session.get_transaction()
         async with sess.begin_nested():
             nested = sess.get_nested_transaction()
-            assert nested is not None and nested.nested and nested.is_active
+            assert nested is not None
+            assert nested.nested
+            assert nested.is_active
             assert sess.in_nested_transaction()
         await root.rollback()
         assert not sess.in_transaction()

@@ -93,12 +93,20 @@ class settable(attribute[T]):
 
 
 def generate_members(cls: C) -> C:
-    """Replace every declared member of ``cls`` by a real method or property (see above)."""
+    """Replace every declared member of ``cls`` by a real method or property (see above).
+
+    ``cls._generated_members`` maps each name to its kind (``"offloaded"``, ``"plain"``,
+    ``"attribute"``), for the docs.
+    """
+    generated: dict[str, str] = {}
     for name, declared in list(vars(cls).items()):
         if isinstance(declared, (offloaded, plain)):
             setattr(cls, name, _method(cls, name, declared))
+            generated[name] = type(declared).__name__
         elif isinstance(declared, attribute):
             setattr(cls, name, _property(name, writable=isinstance(declared, settable)))
+            generated[name] = "attribute"
+    cls._generated_members = generated  # type: ignore[attr-defined]
     return cls
 
 

@@ -32,7 +32,7 @@ from ._streams import ThreadpoolStreamResult, ThreadpoolStreamScalarResult, open
 if TYPE_CHECKING:
     from sqlalchemy.engine.interfaces import _CoreAnyExecuteParams
     from sqlalchemy.ext.asyncio import AsyncSession
-    from sqlalchemy.orm.session import _BindArguments, _SessionBindKey
+    from sqlalchemy.orm.session import _BindArguments
     from sqlalchemy.sql.base import Executable
     from sqlalchemy.sql.selectable import TypedReturnsRows
 
@@ -86,7 +86,7 @@ class ThreadpoolSession:
         self,
         bind: Engine | Connection | None = None,
         *,
-        binds: dict[_SessionBindKey, Engine | Connection] | None = None,
+        binds: dict[Any, Engine | Connection] | None = None,
         sync_session_class: type[Session] | None = None,
         maker: threadpool_sessionmaker[Any] | None = None,
         **kw: Any,
