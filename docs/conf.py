@@ -103,38 +103,36 @@ class SessionMembers(SphinxDirective):
     """``session-members``: the members ``ThreadpoolSession`` generates from ``Session``.
 
     Its IO methods (``get``, ``flush``, ``commit``, ...) and plain members (``add``, ``new``,
-    ...) are declared as descriptors over the sync ``Session``'s own methods, which autodoc
-    does not see; this lists each with the sync method's signature and a link to it.
+    ...) are generated from the sync ``Session``'s own, with SQLAlchemy's docstrings, whose
+    cross-references point into SQLAlchemy's own docs; autodoc skips them
+    (``_skip_generated``) and this lists each with its signature and a link to SQLAlchemy's.
     """
 
     def run(self) -> list[Any]:
-        from sqlalchemy_threadpool._session import (
-            ThreadpoolSession,
-            _attribute,
-            _offloaded,
-            _plain,
-        )
+        from sqlalchemy.orm import Session
+
+        from sqlalchemy_threadpool import ThreadpoolSession
 
         lines = [".. py:currentmodule:: sqlalchemy_threadpool", ""]
-        for name, member in vars(ThreadpoolSession).items():
+        for name, kind in ThreadpoolSession._generated_members.items():
             target = f":meth:`Session.{name}() <sqlalchemy.orm.Session.{name}>`"
-            if isinstance(member, _offloaded):
+            if kind == "offloaded":
                 lines += [
-                    f".. py:method:: ThreadpoolSession.{name}{_signature(member._method)}",
+                    f".. py:method:: ThreadpoolSession.{name}{_signature(getattr(Session, name))}",
                     "   :async:",
                     "",
                     f"   Awaitable {target}, run in a worker thread; a result comes back",
                     "   buffered.",
                     "",
                 ]
-            elif isinstance(member, _plain):
+            elif kind == "plain":
                 lines += [
-                    f".. py:method:: ThreadpoolSession.{name}{_signature(member._method)}",
+                    f".. py:method:: ThreadpoolSession.{name}{_signature(getattr(Session, name))}",
                     "",
                     f"   {target} itself: no IO, so a plain call.",
                     "",
                 ]
-            elif isinstance(member, _attribute):
+            else:
                 lines += [
                     f".. py:attribute:: ThreadpoolSession.{name}",
                     "",
@@ -142,6 +140,16 @@ class SessionMembers(SphinxDirective):
                     "",
                 ]
         return self.parse_text_to_nodes("\n".join(lines))
+
+
+def _skip_generated(app: Any, what: str, name: str, obj: Any, skip: bool, options: Any) -> Any:
+    """``autodoc-skip-member``: the generated members are listed by ``session-members``."""
+    from sqlalchemy_threadpool import ThreadpoolSession
+
+    forwarded = (*ThreadpoolSession._generated_members, "object_session", "identity_key")
+    if name in forwarded and getattr(ThreadpoolSession, name, None) is obj:
+        return True
+    return None
 
 
 def _signature(method: Any) -> str:
@@ -159,6 +167,7 @@ def _signature(method: Any) -> str:
 def setup(app: Any) -> None:
     app.connect("missing-reference", _public_name, priority=400)
     app.add_directive("session-members", SessionMembers)
+    app.connect("autodoc-skip-member", _skip_generated)
 
 
 # -- HTML --------------------------------------------------------------------------------

@@ -82,6 +82,12 @@ async def test_maker_context_closes_without_committing(
         await sess.flush()
     assert user_names(other_engine) == set()
     assert checked_out(engine) == 0
+
+
+async def test_scope_end_refuses_later_io(engine: Engine) -> None:
+    maker = threadpool_sessionmaker(engine)
+    async with threadpool_session(maker) as sess:
+        await sess.execute(select(User))
     with pytest.raises(SessionClosedError, match="scope has ended"):
         await sess.execute(select(User))
 

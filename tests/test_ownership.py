@@ -124,7 +124,7 @@ async def test_strict_scope_end_is_never_refused(engine: Engine, other_engine: E
     await sess.flush()
 
     async def closer() -> None:
-        await sess.end(commit=False, reason="closed by another task")
+        await sess._end(commit=False, reason="closed by another task")
 
     async with anyio.create_task_group() as group:
         group.start_soon(closer)

@@ -423,7 +423,7 @@ async def test_run_refuses_what_cannot_cross_back(engine: Engine, fn: Any, match
 
 async def test_closed_error_needs_no_thread_and_no_capacity(engine: Engine) -> None:
     maker = threadpool_sessionmaker(engine)
-    async with maker() as sess:
+    async with threadpool_session(maker) as sess:
         pass
     blockers = [object() for _ in range(int(maker.limiter.total_tokens))]
     for blocker in blockers:  # no capacity left at all
@@ -480,18 +480,6 @@ async def test_the_maker_limiter_bounds_worker_threads(db_url: str, engine: Engi
         assert small.pool.checkedout() == 0  # type: ignore[attr-defined]
     finally:
         small.dispose()
-
-
-def test_facade_has_asyncsession_names() -> None:
-    required = {
-        "run", "run_sync", "execute", "scalars", "scalar", "get", "get_one", "flush",
-        "commit", "rollback", "close", "refresh", "merge", "delete", "connection",
-        "invalidate", "stream", "stream_scalars", "begin", "begin_nested", "add", "add_all",
-        "expunge", "expunge_all", "expire", "expire_all", "in_transaction",
-        "in_nested_transaction", "new", "dirty", "deleted", "identity_map", "info", "bind",
-        "sync_session", "no_autoflush",
-    }  # fmt: skip
-    assert required <= set(dir(ThreadpoolSession))
 
 
 def test_run_result_type_flows_through() -> None:

@@ -149,7 +149,7 @@ class threadpool_session:
             return
         try:
             if session is not None:
-                await session.end(
+                await session._end(
                     commit=exc_type is None, reason="its `threadpool_session()` block exited"
                 )
         finally:

@@ -13,7 +13,7 @@ import os
 import warnings
 import weakref
 from types import TracebackType
-from typing import Any, ClassVar, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Generic, Literal, NamedTuple
 
 import anyio
 from sqlalchemy import event
@@ -27,16 +27,24 @@ from sqlalchemy.pool import (
     SingletonThreadPool,
     StaticPool,
 )
+from typing_extensions import TypeVar
 
 from ._calls import install_offload_events
 from ._cancel import StatementCanceller, canceller_for
 from ._exceptions import ConfigurationError, ConfigurationWarning
 from ._guard import GuardMode, install_guard
 from ._offload import CLEANUP_TIMEOUT, Offloader
-from ._session import ThreadpoolSession
+from ._session import ThreadpoolSession, ThreadpoolSessionTransaction
 from ._worker import IDLE_TIMEOUT, WorkerPool, worker_pool
 
-__all__ = ["OffloadMode", "threadpool_sessionmaker"]
+if TYPE_CHECKING:
+    from sqlalchemy.orm.session import _SessionBindKey
+
+__all__ = ["OffloadMode", "implicit_maker", "threadpool_sessionmaker"]
+
+#: The session class a maker makes (``class_=``); ``ThreadpoolSession`` when not given.
+#: Covariant: a maker of a ThreadpoolSession subclass goes wherever a maker goes.
+_TS = TypeVar("_TS", bound=ThreadpoolSession, default=ThreadpoolSession, covariant=True)
 
 #: How a maker's sessions reach their worker threads (see ``offload=``).
 OffloadMode = Literal["worker", "anyio"]
@@ -69,10 +77,18 @@ class _Settings(NamedTuple):
     workers: WorkerPool | None
 
 
-class threadpool_sessionmaker:
+class threadpool_sessionmaker(Generic[_TS]):
     """A factory of :class:`ThreadpoolSession` objects, configured once per engine.
 
+    Generic in the class it makes, like :class:`~sqlalchemy.ext.asyncio.async_sessionmaker`:
+    ``threadpool_sessionmaker[ThreadpoolSession]`` is the type of ``threadpool_sessionmaker(
+    engine)``, and ``maker()`` is typed as ``class_``.
+
     :param bind: the :class:`~sqlalchemy.engine.Engine` (or ``Connection``) sessions use.
+    :param class_: the :class:`ThreadpoolSession` subclass to make (default
+        ``ThreadpoolSession``); it is called as ``class_(maker=self, **local_kw)``.
+    :param sync_session_class: the :class:`~sqlalchemy.orm.Session` class behind each session,
+        as ``async_sessionmaker``'s; default ``class_.sync_session_class`` (``Session``).
     :param limiter: how many sessions may hold a connection (and so run a worker thread) at
         once: an ``int`` or an :class:`anyio.CapacityLimiter`. Defaults to what the pool can
         really hand out: ``pool_size + max_overflow`` for a ``QueuePool``, 1 for a
@@ -102,9 +118,6 @@ class threadpool_sessionmaker:
         defaults to ``False`` (reading an expired attribute would be IO on the event loop).
     """
 
-    #: The facade class this maker makes; a subclass may make a subclass of it (SQLModel's).
-    _session_class: ClassVar[type[ThreadpoolSession]] = ThreadpoolSession
-
     def __init__(
         self,
         bind: Engine | Connection | None = None,
@@ -117,13 +130,17 @@ class threadpool_sessionmaker:
         strict: bool = False,
         offload: OffloadMode = "worker",
         worker_idle_timeout: float = IDLE_TIMEOUT,
-        sync_session_class: type[Session] = Session,
+        class_: type[_TS] = ThreadpoolSession,  # type: ignore[assignment]
+        sync_session_class: type[Session] | None = None,
         **session_kw: Any,
     ) -> None:
         if guard not in ("raise", "warn", "off"):
             raise ConfigurationError(f"guard must be 'raise', 'warn' or 'off', not {guard!r}.")
         session_kw.setdefault("expire_on_commit", False)
         self.guard: GuardMode = guard
+        self.class_: type[_TS] = class_
+        #: The sync session class (``sync_session_class=``), before sessionmaker subclasses it.
+        self.sync_class: type[Session] = sync_session_class or class_.sync_session_class
         options = {
             "limiter": limiter,
             "admission_timeout": admission_timeout,
@@ -135,7 +152,7 @@ class threadpool_sessionmaker:
         }
         settings = self._settle({**session_kw, "bind": bind}, options)
         self.sync_maker: sessionmaker[Session] = sessionmaker(
-            bind, class_=sync_session_class, **session_kw
+            bind, class_=self.sync_class, **session_kw
         )
         self._adopt(settings)
         event.listen(self.sync_maker, "do_orm_execute", _prebuffer_rows)
@@ -144,9 +161,13 @@ class threadpool_sessionmaker:
         # (``after_begin``), so a bind set later by ``configure()`` needs nothing more here.
         install_guard(self.sync_maker, guard)
 
-    def __call__(self, **local_kw: Any) -> ThreadpoolSession:
+    def __call__(self, **local_kw: Any) -> _TS:
         """A new session; ``local_kw`` overrides the maker's sessionmaker arguments."""
-        sync_session = self.sync_maker(**local_kw)
+        return self.class_(maker=self, **local_kw)
+
+    def open_sync_session(self, session_kw: dict[str, Any]) -> tuple[Session, Offloader]:
+        """The sync session and its offloader, for ``ThreadpoolSession.__init__``."""
+        sync_session = self.sync_maker(**session_kw)
         offloader = Offloader(
             sync_session,
             self.limiter,
@@ -156,10 +177,14 @@ class threadpool_sessionmaker:
             strict=self.strict,
             workers=self._workers,
         )
-        return self._session_class(sync_session, offloader, self)
+        return sync_session, offloader
 
-    def begin(self) -> _BeginContext:
-        """``async with maker.begin() as sess:`` commits on success, rolls back on error."""
+    def begin(self) -> _BeginContext[_TS]:
+        """``async with maker.begin() as sess:`` as ``async_sessionmaker.begin()``.
+
+        A new session with a transaction begun; when the block exits the transaction commits
+        (or rolls back if the block raised), then the session is closed, shielded.
+        """
         return _BeginContext(self())
 
     def configure(self, **new_kw: Any) -> None:
@@ -255,13 +280,17 @@ class threadpool_sessionmaker:
         )
 
 
-class _BeginContext:
-    __slots__ = ("session",)
+class _BeginContext(Generic[_TS]):
+    """``maker.begin()``: the session's ``begin()`` block, then its ``async with`` exit."""
 
-    def __init__(self, session: ThreadpoolSession) -> None:
-        self.session: ThreadpoolSession = session
+    __slots__ = ("session", "transaction")
 
-    async def __aenter__(self) -> ThreadpoolSession:
+    def __init__(self, session: _TS) -> None:
+        self.session: _TS = session
+        self.transaction: ThreadpoolSessionTransaction = session.begin()
+
+    async def __aenter__(self) -> _TS:
+        await self.transaction.__aenter__()
         return self.session
 
     async def __aexit__(
@@ -270,11 +299,39 @@ class _BeginContext:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self.session.end(commit=exc_type is None, reason="its `maker.begin()` block exited")
+        try:
+            await self.transaction.__aexit__(exc_type, exc, tb)
+        finally:
+            await self.session.__aexit__(exc_type, exc, tb)
+
+
+#: The implicit makers of sessions made directly, ``ThreadpoolSession(engine)``: one per bind,
+#: binds and sync session class, alive while one of its sessions is.
+_implicit: weakref.WeakValueDictionary[tuple[Any, ...], threadpool_sessionmaker[Any]] = (
+    weakref.WeakValueDictionary()
+)
+
+
+def implicit_maker(
+    bind: Engine | Connection | None,
+    binds: dict[_SessionBindKey, Engine | Connection] | None,
+    sync_session_class: type[Session],
+) -> threadpool_sessionmaker[Any]:
+    """The maker behind ``ThreadpoolSession(bind, binds=...)``: its limiter, guard, canceller.
+
+    Sessions made directly on the same bind at the same time share it, and so share the
+    admission sized to the pool, as the sessions of one maker do.
+    """
+    key = (bind, sync_session_class, *(binds or {}).items())
+    maker = _implicit.get(key)
+    if maker is None:
+        maker = threadpool_sessionmaker(bind, binds=binds, sync_session_class=sync_session_class)
+        _implicit[key] = maker
+    return maker
 
 
 #: Makers whose limiter they made themselves (not one passed with ``limiter=``).
-_own_limiters: weakref.WeakSet[threadpool_sessionmaker] = weakref.WeakSet()
+_own_limiters: weakref.WeakSet[threadpool_sessionmaker[Any]] = weakref.WeakSet()
 
 
 def _after_fork_in_child() -> None:

@@ -150,7 +150,7 @@ class Offloader:
             raise SessionClosedError(
                 f"This session's scope has ended ({self._closed_reason}); it cannot run SQL "
                 "any more. Use the session only inside its `async with threadpool_session(...)` "
-                "or `async with maker() as sess` block, or open a new one."
+                "block (or the request that owns it), or open a new one."
             )
 
     def check_usable(self) -> None:
@@ -216,6 +216,30 @@ class Offloader:
         Cleanup is never refused, not even to a non-owner task.
         """
         await to_the_end(self._finish(commit=commit))
+
+    async def close(self) -> None:
+        """``Session.close()``, shielded; the session stays usable (``async with sess:``).
+
+        As ``AsyncSession``'s exit: the transaction is rolled back without expiring the
+        objects, which are detached with their loaded state. No admission and no thread when
+        there is no transaction; a failed unit of work is acknowledged, as by ``close()``. If
+        closing fails, the connection is invalidated and the error propagates.
+        """
+        await to_the_end(self._close())
+
+    async def _close(self) -> None:
+        async with self._lock:
+            self._failure = None
+            try:
+                if self.session.in_transaction():
+                    await self._dispatch(self.session.close)
+                else:
+                    self.session.close()  # no transaction, so no connection: no IO
+            except Exception:
+                await self._cleanup(invalidate=True)
+                raise
+            finally:
+                self._release_if_idle()
 
     async def _finish(self, *, commit: bool) -> None:
         async with self._lock:

@@ -3,27 +3,30 @@
 It has the names and signatures of :class:`sqlalchemy.ext.asyncio.AsyncSession`, so code written
 for ``AsyncSession`` ports by changing the import and the engine. Members that may do IO are
 coroutines that run the sync method in a worker thread through the one offload path; members
-that never do IO are the sync session's own, unchanged. Both kinds are generated from the
-declarative lists in the class body (``_offloaded`` and ``_plain``); only the few methods whose
-SQLAlchemy signature is overloaded, or whose behaviour differs, are written out.
+that never do IO are the sync session's own, unchanged. Both kinds are declared once in the
+class body and generated as real methods with SQLAlchemy's signatures (:mod:`._members`); only
+the few methods whose SQLAlchemy signature is overloaded, or whose behaviour differs, are
+written out.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Coroutine, Generator, Iterator, Mapping
+from collections.abc import Callable, Generator, Mapping
 from functools import partial
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Concatenate, Final, Generic, TypeVar, cast, overload
+from typing import TYPE_CHECKING, Any, Concatenate, Final, TypeVar, cast, overload
 
 import anyio
-from sqlalchemy.engine import Row
+from sqlalchemy.engine import Connection, Engine, Row
 from sqlalchemy.exc import InvalidRequestError
 from sqlalchemy.orm import Session, SessionTransaction, object_session
+from sqlalchemy.util import EMPTY_DICT
 from typing_extensions import ParamSpec, Self, TypeVarTuple, Unpack
 
 from ._attrs import remember_facade
-from ._offload import Offloader
+from ._exceptions import ConfigurationError
+from ._members import attribute, generate_members, offloaded, plain, settable
 from ._results import check_callable, make_loop_safe
 from ._streams import ThreadpoolStreamResult, ThreadpoolStreamScalarResult, open_stream
 
@@ -50,91 +53,78 @@ _Ts = TypeVarTuple("_Ts")
 _TP = TypeVar("_TP", bound=tuple[Any, ...])  # SQLAlchemy 2.0's row type parameter
 
 
-class _offloaded(Generic[P, R]):
-    """Declares an IO member: the sync method, awaited, run in a worker, result made safe."""
-
-    __slots__ = ("_method", "_name")
-
-    def __init__(self, method: Callable[Concatenate[Session, P], R]) -> None:
-        self._method = method
-        self._name = method.__name__
-
-    def __set_name__(self, owner: type[Any], name: str) -> None:
-        self._name = name
-
-    @overload
-    def __get__(self, obj: None, owner: type[Any]) -> Self: ...
-    @overload
-    def __get__(
-        self, obj: ThreadpoolSession, owner: type[Any]
-    ) -> Callable[P, Coroutine[Any, Any, R]]: ...
-    def __get__(self, obj: ThreadpoolSession | None, owner: type[Any]) -> Any:
-        if obj is None:
-            return self
-        return partial(obj._call_method, self._method, self._name)
-
-
-class _plain(Generic[P, R]):
-    """Declares a member that never does IO: the sync session's own, bound to it."""
-
-    __slots__ = ("_method",)
-
-    def __init__(self, method: Callable[Concatenate[Session, P], R]) -> None:
-        self._method = method
-
-    @overload
-    def __get__(self, obj: None, owner: type[Any]) -> Self: ...
-    @overload
-    def __get__(self, obj: ThreadpoolSession, owner: type[Any]) -> Callable[P, R]: ...
-    def __get__(self, obj: ThreadpoolSession | None, owner: type[Any]) -> Any:
-        if obj is None:
-            return self
-        return partial(self._method, obj.sync_session)
-
-
-class _attribute(Generic[T]):
-    """Declares a read-only attribute forwarded from the sync session."""
-
-    __slots__ = ("_getter",)
-
-    def __init__(self, getter: Callable[[Session], T]) -> None:
-        self._getter = getter
-
-    @overload
-    def __get__(self, obj: None, owner: type[Any]) -> Self: ...
-    @overload
-    def __get__(self, obj: ThreadpoolSession, owner: type[Any]) -> T: ...
-    def __get__(self, obj: ThreadpoolSession | None, owner: type[Any]) -> Any:
-        if obj is None:
-            return self
-        return self._getter(obj.sync_session)
-
-
+@generate_members
 class ThreadpoolSession:
     """An ``AsyncSession``-like facade running a sync :class:`~sqlalchemy.orm.Session` in threads.
 
-    Do not create it directly: call a :func:`threadpool_sessionmaker`, or open a scope with
-    :func:`threadpool_session`. Calls of one session never overlap: concurrent tasks sharing it
-    take turns (waiting takes no thread). Anything that returns a ``Result`` gets it fully
-    buffered, so reading it on the event loop does no IO.
+    Made like ``AsyncSession``: by a :class:`threadpool_sessionmaker`, directly
+    (``ThreadpoolSession(engine)``, ``ThreadpoolSession(bind=engine, autoflush=False)``), or
+    by a :func:`threadpool_session` scope. A session made directly shares the admission of
+    every other such session on its bind (the limiter sized to the pool), and its guard and
+    canceller, through an implicit maker per bind (see :attr:`maker`).
+
+    Calls of one session never overlap: concurrent tasks sharing it take turns (waiting takes
+    no thread). Anything that returns a ``Result`` gets it fully buffered, so reading it on the
+    event loop does no IO. ``async with sess:`` closes the session when the block exits, as
+    ``AsyncSession`` does; it can be used again afterwards.
     """
 
-    __slots__ = ("__weakref__", "_offloader", "maker", "sync_session")
+    sync_session_class: type[Session] = Session
+    """The :class:`~sqlalchemy.orm.Session` class behind the facade (``sync_session_class=``).
+
+    On the class, the default for sessions and makers that are given none (a subclass may
+    override it); on a session, the class its maker was configured with.
+    """
 
     sync_session: Session
     """The synchronous session behind the facade; use it inside :meth:`run`."""
 
+    maker: threadpool_sessionmaker[Any]
+    """The maker that made this session; for a session made directly, the implicit maker of
+    its bind, shared by the sessions made directly on that bind while any of them exists."""
+
     def __init__(
-        self, sync_session: Session, offloader: Offloader, maker: threadpool_sessionmaker
+        self,
+        bind: Engine | Connection | None = None,
+        *,
+        binds: dict[Any, Engine | Connection] | None = None,
+        sync_session_class: type[Session] | None = None,
+        maker: threadpool_sessionmaker[Any] | None = None,
+        **kw: Any,
     ) -> None:
-        self.sync_session = sync_session
-        self._offloader = offloader
-        self.maker: threadpool_sessionmaker = maker
-        """The maker that made this session."""
-        remember_facade(sync_session, self)  # for threadpool_session_of() / ThreadpoolAttrs
+        """Make a session: ``kw`` goes to the sync session, as ``AsyncSession(...)``'s.
+
+        :param bind: the engine (or connection) of the session.
+        :param binds: per-entity binds, as :class:`~sqlalchemy.orm.Session`'s.
+        :param sync_session_class: the :class:`~sqlalchemy.orm.Session` class to use.
+        :param maker: the :class:`threadpool_sessionmaker` whose configuration (limiter,
+            guard, canceller, ``sync_session_class``) the session uses; ``maker()`` passes
+            itself. Without one, the implicit maker of ``bind`` (and ``binds``) is used, made
+            on first use exactly as ``threadpool_sessionmaker(bind, binds=binds,
+            sync_session_class=sync_session_class)`` would be.
+        """
+        if maker is None:
+            from ._maker import implicit_maker  # the maker module imports this one
+
+            maker = implicit_maker(bind, binds, sync_session_class or self.sync_session_class)
+        elif sync_session_class is not None and sync_session_class is not maker.sync_class:
+            raise ConfigurationError(
+                "sync_session_class= cannot differ from the maker's: its listeners are "
+                "installed on the maker's sync sessionmaker. Make a "
+                "threadpool_sessionmaker(..., sync_session_class=...) instead."
+            )
+        session_kw = dict(kw)
+        if bind is not None:
+            session_kw["bind"] = bind
+        if binds is not None:
+            session_kw["binds"] = binds
+        self.sync_session, self._offloader = maker.open_sync_session(session_kw)
+        self.sync_session_class = maker.sync_class
+        self.maker = maker
+        remember_facade(self.sync_session, self)  # for threadpool_session_of() / ThreadpoolAttrs
 
     def __repr__(self) -> str:
-        state = "closed" if self._offloader.closed else "open"
+        state = "ended" if self._offloader.closed else "open"
         return f"<{type(self).__name__} {state} sync_session={self.sync_session!r}>"
 
     # -- the one way in ---------------------------------------------------------------
@@ -165,22 +155,26 @@ class ThreadpoolSession:
         )
 
     run_sync = run
-    """Alias of :meth:`run`, the name ``AsyncSession`` uses."""
+    """:meth:`run` under ``AsyncSession``'s name: ``fn(sync_session, *args, **kwargs)``."""
 
     # -- IO members, generated --------------------------------------------------------
 
-    get: Final = _offloaded(Session.get)
-    get_one: Final = _offloaded(Session.get_one)
-    flush: Final = _offloaded(Session.flush)
-    commit: Final = _offloaded(Session.commit)
-    rollback: Final = _offloaded(Session.rollback)
-    close: Final = _offloaded(Session.close)
-    reset: Final = _offloaded(Session.reset)
-    refresh: Final = _offloaded(Session.refresh)
-    merge: Final = _offloaded(Session.merge)
-    delete: Final = _offloaded(Session.delete)
-    connection: Final = _offloaded(Session.connection)
-    invalidate: Final = _offloaded(Session.invalidate)
+    get: Final = offloaded(Session.get)
+    get_one: Final = offloaded(Session.get_one)
+    flush: Final = offloaded(Session.flush)
+    commit: Final = offloaded(Session.commit)
+    rollback: Final = offloaded(Session.rollback)
+    close: Final = offloaded(Session.close)
+    reset: Final = offloaded(Session.reset)
+    refresh: Final = offloaded(Session.refresh)
+    merge: Final = offloaded(Session.merge)
+    delete: Final = offloaded(Session.delete)
+    connection: Final = offloaded(Session.connection)
+    invalidate: Final = offloaded(Session.invalidate)
+    if hasattr(Session, "merge_all"):  # SQLAlchemy 2.1
+        merge_all: Final = offloaded(Session.merge_all)
+    if hasattr(Session, "delete_all"):  # SQLAlchemy 2.1
+        delete_all: Final = offloaded(Session.delete_all)
 
     async def load(self, instance: object, attribute: str) -> Any:
         """Load ``instance.<attribute>`` in a worker and return it: an awaitable lazy load.
@@ -205,35 +199,65 @@ class ThreadpoolSession:
 
     # -- non-IO members, generated ----------------------------------------------------
 
-    add: Final = _plain(Session.add)
-    add_all: Final = _plain(Session.add_all)
-    expunge: Final = _plain(Session.expunge)
-    expunge_all: Final = _plain(Session.expunge_all)
-    expire: Final = _plain(Session.expire)
-    expire_all: Final = _plain(Session.expire_all)
-    in_transaction: Final = _plain(Session.in_transaction)
-    in_nested_transaction: Final = _plain(Session.in_nested_transaction)
-    is_modified: Final = _plain(Session.is_modified)
+    __contains__: Final = plain(Session.__contains__)
+    __iter__: Final = plain(Session.__iter__)
+    add: Final = plain(Session.add)
+    add_all: Final = plain(Session.add_all)
+    expunge: Final = plain(Session.expunge)
+    expunge_all: Final = plain(Session.expunge_all)
+    expire: Final = plain(Session.expire)
+    expire_all: Final = plain(Session.expire_all)
+    in_transaction: Final = plain(Session.in_transaction)
+    in_nested_transaction: Final = plain(Session.in_nested_transaction)
+    is_modified: Final = plain(Session.is_modified)
+    if TYPE_CHECKING:  # generic in the mapper's class: a ParamSpec cannot carry it
+        get_bind = _ASYNC_SESSION.get_bind
+    else:
 
-    new: Final = _attribute(lambda s: s.new)
-    dirty: Final = _attribute(lambda s: s.dirty)
-    deleted: Final = _attribute(lambda s: s.deleted)
-    identity_map: Final = _attribute(lambda s: s.identity_map)
-    info: Final = _attribute(lambda s: s.info)
-    bind: Final = _attribute(lambda s: s.bind)
-    is_active: Final = _attribute(lambda s: s.is_active)
-    autoflush: Final = _attribute(lambda s: s.autoflush)
+        def get_bind(
+            self, mapper: Any = None, clause: Any = None, bind: Any = None, **kw: Any
+        ) -> Engine | Connection:
+            """The engine or connection the session uses for ``mapper`` / ``clause`` (no IO).
 
-    @property
-    def no_autoflush(self) -> Any:
-        """A context manager disabling autoflush: :attr:`sqlalchemy.orm.Session.no_autoflush`."""
-        return self.sync_session.no_autoflush
+            AsyncSession's signature (``clause`` and ``bind`` may be positional) over
+            :meth:`sqlalchemy.orm.Session.get_bind`; to route binds, subclass ``Session``
+            and pass it as ``sync_session_class=``.
+            """
+            return self.sync_session.get_bind(mapper, clause=clause, bind=bind, **kw)
 
-    def __contains__(self, instance: object) -> bool:
-        return instance in self.sync_session
+    bind_mapper: Final = plain(Session.bind_mapper)
+    bind_table: Final = plain(Session.bind_table)
 
-    def __iter__(self) -> Iterator[object]:
-        return iter(self.sync_session)
+    new: Final = attribute(lambda s: s.new)
+    dirty: Final = attribute(lambda s: s.dirty)
+    deleted: Final = attribute(lambda s: s.deleted)
+    identity_map: Final = attribute(lambda s: s.identity_map)
+    info: Final = attribute(lambda s: s.info)
+    bind: Final = attribute(lambda s: s.bind)
+    is_active: Final = attribute(lambda s: s.is_active)
+    no_autoflush: Final = attribute(lambda s: s.no_autoflush)
+    autoflush = settable(lambda s: s.autoflush)
+    if "binds" in Session.__annotations__:  # SQLAlchemy 2.1 (an attribute of each session)
+        binds: Final = attribute(lambda s: s.binds)  # type: ignore[attr-defined, unused-ignore]
+    if hasattr(Session, "execution_options"):  # SQLAlchemy 2.1
+        execution_options = settable(lambda s: s.execution_options)  # type: ignore[attr-defined, unused-ignore]
+
+    # Session's classmethods, as AsyncSession has them (``object_session`` gives the Session).
+    object_session: Final = Session.object_session
+    identity_key: Final = Session.identity_key
+
+    def get_transaction(self) -> ThreadpoolSessionTransaction | None:
+        """The current root transaction in progress, if any (no IO).
+
+        Like :meth:`sqlalchemy.orm.Session.get_transaction`, wrapped as
+        :class:`ThreadpoolSessionTransaction`.
+        """
+        return ThreadpoolSessionTransaction._wrap(self, self.sync_session.get_transaction())
+
+    def get_nested_transaction(self) -> ThreadpoolSessionTransaction | None:
+        """The current nested transaction (SAVEPOINT) in progress, if any (no IO)."""
+        nested = self.sync_session.get_nested_transaction()
+        return ThreadpoolSessionTransaction._wrap(self, nested)
 
     # -- IO members whose SQLAlchemy signature is overloaded -------------------------
 
@@ -245,9 +269,9 @@ class ThreadpoolSession:
         scalar = _ASYNC_SESSION.scalar
         scalars = _ASYNC_SESSION.scalars
     else:
-        execute = _offloaded(Session.execute)
-        scalar = _offloaded(Session.scalar)
-        scalars = _offloaded(Session.scalars)
+        execute = offloaded(Session.execute)
+        scalar = offloaded(Session.scalar)
+        scalars = offloaded(Session.scalars)
 
     # -- streaming ---------------------------------------------------------------------
     #
@@ -260,7 +284,7 @@ class ThreadpoolSession:
         statement: TypedReturnsRows[_TP],
         params: _CoreAnyExecuteParams | None = None,
         *,
-        execution_options: Mapping[str, Any] | None = None,
+        execution_options: Mapping[str, Any] | None = EMPTY_DICT,
         bind_arguments: _BindArguments | None = None,
         **kw: Any,
     ) -> ThreadpoolStreamResult[Row[_TP]]: ...
@@ -270,7 +294,7 @@ class ThreadpoolSession:
         statement: TypedReturnsRows[Unpack[_Ts]],  # type: ignore[valid-type, type-arg, unused-ignore]
         params: _CoreAnyExecuteParams | None = None,
         *,
-        execution_options: Mapping[str, Any] | None = None,
+        execution_options: Mapping[str, Any] | None = EMPTY_DICT,
         bind_arguments: _BindArguments | None = None,
         **kw: Any,
     ) -> ThreadpoolStreamResult[Row[Unpack[_Ts]]]: ...  # type: ignore[valid-type, type-arg, unused-ignore]
@@ -280,7 +304,7 @@ class ThreadpoolSession:
         statement: Executable,
         params: _CoreAnyExecuteParams | None = None,
         *,
-        execution_options: Mapping[str, Any] | None = None,
+        execution_options: Mapping[str, Any] | None = EMPTY_DICT,
         bind_arguments: _BindArguments | None = None,
         **kw: Any,
     ) -> ThreadpoolStreamResult[Any]: ...
@@ -289,7 +313,7 @@ class ThreadpoolSession:
         statement: Executable,
         params: _CoreAnyExecuteParams | None = None,
         *,
-        execution_options: Mapping[str, Any] | None = None,
+        execution_options: Mapping[str, Any] | None = EMPTY_DICT,
         bind_arguments: _BindArguments | None = None,
         **kw: Any,
     ) -> ThreadpoolStreamResult[Any]:
@@ -318,7 +342,7 @@ class ThreadpoolSession:
         statement: TypedReturnsRows[tuple[T, Unpack[tuple[Any, ...]]]],
         params: _CoreAnyExecuteParams | None = None,
         *,
-        execution_options: Mapping[str, Any] | None = None,
+        execution_options: Mapping[str, Any] | None = EMPTY_DICT,
         bind_arguments: _BindArguments | None = None,
         **kw: Any,
     ) -> ThreadpoolStreamScalarResult[T]: ...
@@ -328,7 +352,7 @@ class ThreadpoolSession:
         statement: TypedReturnsRows[T],  # type: ignore[type-var, unused-ignore]
         params: _CoreAnyExecuteParams | None = None,
         *,
-        execution_options: Mapping[str, Any] | None = None,
+        execution_options: Mapping[str, Any] | None = EMPTY_DICT,
         bind_arguments: _BindArguments | None = None,
         **kw: Any,
     ) -> ThreadpoolStreamScalarResult[T]: ...
@@ -338,7 +362,7 @@ class ThreadpoolSession:
         statement: TypedReturnsRows[T, Unpack[_Ts]],  # type: ignore[type-arg, valid-type, misc, unused-ignore]
         params: _CoreAnyExecuteParams | None = None,
         *,
-        execution_options: Mapping[str, Any] | None = None,
+        execution_options: Mapping[str, Any] | None = EMPTY_DICT,
         bind_arguments: _BindArguments | None = None,
         **kw: Any,
     ) -> ThreadpoolStreamScalarResult[T]: ...
@@ -348,7 +372,7 @@ class ThreadpoolSession:
         statement: Executable,
         params: _CoreAnyExecuteParams | None = None,
         *,
-        execution_options: Mapping[str, Any] | None = None,
+        execution_options: Mapping[str, Any] | None = EMPTY_DICT,
         bind_arguments: _BindArguments | None = None,
         **kw: Any,
     ) -> ThreadpoolStreamScalarResult[Any]: ...
@@ -357,7 +381,7 @@ class ThreadpoolSession:
         statement: Executable,
         params: _CoreAnyExecuteParams | None = None,
         *,
-        execution_options: Mapping[str, Any] | None = None,
+        execution_options: Mapping[str, Any] | None = EMPTY_DICT,
         bind_arguments: _BindArguments | None = None,
         **kw: Any,
     ) -> ThreadpoolStreamScalarResult[Any]:
@@ -383,14 +407,15 @@ class ThreadpoolSession:
 
     # -- lifecycle ---------------------------------------------------------------------
 
-    async def end(self, *, commit: bool, reason: str) -> None:
-        """End the unit of work: commit (or roll back), then close; refuse IO afterwards.
+    async def _end(self, *, commit: bool, reason: str) -> None:
+        """End the session for good: commit (or roll back), close, refuse IO afterwards.
 
-        Shielded from cancellation. If the commit fails, the session is rolled back and closed
-        and the commit error propagates; a failure while rolling back is logged and the
-        connection invalidated, never raised over the caller's error. If a call of the unit of
-        work was interrupted, nothing is committed: ``commit=True`` then raises
-        :class:`TransactionInterruptedError`.
+        For ``threadpool_session()`` scopes and the integrations, which own the session;
+        ``async with sess:`` only closes it. Shielded from cancellation. If the commit fails,
+        the session is rolled back and closed and the commit error propagates; a failure
+        while rolling back is logged and the connection invalidated, never raised over the
+        caller's error. If a call of the unit of work was interrupted, nothing is committed:
+        ``commit=True`` then raises :class:`TransactionInterruptedError`.
         """
         try:
             with anyio.CancelScope(shield=True):
@@ -407,7 +432,14 @@ class ThreadpoolSession:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self.end(commit=False, reason="its `async with` block exited")
+        """Close the session, as ``AsyncSession`` does: shielded from cancellation.
+
+        The transaction is rolled back and the connection returned; the objects are detached
+        and keep their loaded state. The session can be used again: its next call begins a
+        new transaction. Closing costs no capacity and no thread when there is no
+        transaction.
+        """
+        await self._offloader.close()
 
 
 #: Methods that acknowledge an interrupted unit of work (see TransactionInterruptedError).
@@ -427,6 +459,17 @@ class ThreadpoolSessionTransaction:
         self.session: ThreadpoolSession = session
         self.nested: bool = nested
         self.sync_transaction: SessionTransaction | None = None
+
+    @classmethod
+    def _wrap(
+        cls, session: ThreadpoolSession, transaction: SessionTransaction | None
+    ) -> ThreadpoolSessionTransaction | None:
+        """The facade of a sync transaction already begun (``get_transaction()``)."""
+        if transaction is None:
+            return None
+        wrapped = cls(session, nested=transaction.nested)
+        wrapped.sync_transaction = transaction
+        return wrapped
 
     @property
     def is_active(self) -> bool:

@@ -152,4 +152,4 @@ async def threadpool_db_session(
         try:
             yield session
         finally:
-            await session.end(commit=False, reason="its test ended (threadpool_db_session)")
+            await session._end(commit=False, reason="its test ended (threadpool_db_session)")

@@ -102,7 +102,7 @@ class RequestUnit:
         self._done = True
         commit = commit and not self._manual
         if self.owned:
-            await self.session.end(commit=commit, reason=reason)
+            await self.session._end(commit=commit, reason=reason)
             return
         savepoint = self._savepoint
         if savepoint is None or not savepoint.is_active:

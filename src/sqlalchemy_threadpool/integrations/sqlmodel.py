@@ -22,13 +22,15 @@ Importing this module imports SQLModel (install ``sqlalchemy-threadpool[sqlmodel
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.orm import Session
 from sqlmodel import Session as SQLModelSession
 
 from .._maker import threadpool_sessionmaker
-from .._session import ThreadpoolSession, _offloaded
+from .._members import generate_members, offloaded
+from .._session import ThreadpoolSession
 
 if TYPE_CHECKING:
     from sqlmodel.ext.asyncio.session import AsyncSession
@@ -39,14 +41,16 @@ if TYPE_CHECKING:
 __all__ = ["ThreadpoolSQLModelSession", "sqlmodel_sessionmaker"]
 
 
+@generate_members
 class ThreadpoolSQLModelSession(ThreadpoolSession):
     """A :class:`~sqlalchemy_threadpool.ThreadpoolSession` over a ``sqlmodel.Session``.
 
     Everything a ``ThreadpoolSession`` has, plus :meth:`exec`. Made by
-    :class:`sqlmodel_sessionmaker`.
+    :class:`sqlmodel_sessionmaker`, by ``threadpool_sessionmaker(engine,
+    class_=ThreadpoolSQLModelSession)``, or directly, ``ThreadpoolSQLModelSession(engine)``.
     """
 
-    __slots__ = ()
+    sync_session_class: type[Session] = SQLModelSession
 
     sync_session: SQLModelSession
     """The ``sqlmodel.Session`` behind the facade; use it inside :meth:`run`."""
@@ -57,11 +61,11 @@ class ThreadpoolSQLModelSession(ThreadpoolSession):
         # TupleResult, ``update()``/``delete()`` -> CursorResult), whichever version it is.
         exec = _SQLMODEL_ASYNC_SESSION.exec
     else:
-        exec = _offloaded(SQLModelSession.exec)
+        exec = offloaded(SQLModelSession.exec)
         """Run ``sqlmodel.Session.exec`` in a worker; the result comes back buffered."""
 
 
-class sqlmodel_sessionmaker(threadpool_sessionmaker):
+class sqlmodel_sessionmaker(threadpool_sessionmaker[ThreadpoolSQLModelSession]):
     """A :class:`~sqlalchemy_threadpool.threadpool_sessionmaker` of SQLModel sessions.
 
     It takes the same arguments; its sessions are :class:`ThreadpoolSQLModelSession` objects
@@ -70,8 +74,6 @@ class sqlmodel_sessionmaker(threadpool_sessionmaker):
     ``SessionMiddleware``,
     ``session_dependency()``, ``shutdown()``.
     """
-
-    _session_class: ClassVar[type[ThreadpoolSession]] = ThreadpoolSQLModelSession
 
     def __init__(
         self,
@@ -88,8 +90,6 @@ class sqlmodel_sessionmaker(threadpool_sessionmaker):
                 "sqlmodel_sessionmaker(sync_session_class=...) must be sqlmodel.Session or a "
                 f"subclass of it, not {sync_session_class!r}: exec() is its method."
             )
-        super().__init__(bind, sync_session_class=sync_session_class, **kw)
-
-    def __call__(self, **local_kw: Any) -> ThreadpoolSQLModelSession:
-        """A new session; ``local_kw`` overrides the maker's sessionmaker arguments."""
-        return cast(ThreadpoolSQLModelSession, super().__call__(**local_kw))
+        super().__init__(
+            bind, class_=ThreadpoolSQLModelSession, sync_session_class=sync_session_class, **kw
+        )
