@@ -445,6 +445,18 @@ async def test_a_base_exception_in_the_worker_invalidates_the_connection(
     assert_clean(engine, other_engine)
 
 
+async def wait_until_sleeping(observer: Engine, started: threading.Event, pid: int) -> None:
+    """Wait until PostgreSQL backend ``pid`` waits in ``pg_sleep`` (bounded)."""
+    assert await anyio.to_thread.run_sync(started.wait, 10), "the worker never started"
+    query = text("SELECT wait_event FROM pg_stat_activity WHERE pid = :pid")
+    for _ in range(1000):
+        with observer.connect() as conn:
+            if conn.execute(query, {"pid": pid}).scalar() == "PgSleep":
+                return
+        await anyio.sleep(0.01)
+    raise AssertionError(f"backend {pid} never reached pg_sleep")
+
+
 @only_on("postgresql")
 async def test_a_statement_that_ignores_the_cancel_is_cut_after_the_cleanup_timeout(
     engine: Engine, other_engine: Engine, caplog: pytest.LogCaptureFixture
@@ -469,8 +481,18 @@ async def test_a_statement_that_ignores_the_cancel_is_cut_after_the_cleanup_time
     with caplog.at_level(logging.WARNING, logger="sqlalchemy_threadpool"):
         async with threadpool_session(maker) as sess:
             pid.append(await sess.scalar(text("SELECT pg_backend_pid()")))
-            async with cancelled_when_running(other_engine, call):
-                await sess.run(call)
+            with anyio.CancelScope() as scope:
+                async with anyio.create_task_group() as group:
+
+                    async def cancel_once_inside_the_loop() -> None:
+                        # Only inside the function's BEGIN ... EXCEPTION block is the cancel
+                        # ignored: a cancel that came before would simply stop the statement.
+                        await wait_until_sleeping(other_engine, call.started, pid[0])
+                        scope.cancel()
+
+                    group.start_soon(cancel_once_inside_the_loop)
+                    await sess.run(call)
+            assert scope.cancelled_caught
             await sess.rollback()
     assert anyio.current_time() - start < PROMPT
     assert call.outcome == ["raised"]  # "server closed the connection": the worker is out
