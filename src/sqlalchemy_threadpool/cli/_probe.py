@@ -31,10 +31,10 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import QueuePool
 
-from ._cancel import canceller_for
-from ._exceptions import ConfigurationError
+from .. import ConfigurationError, threadpool_sessionmaker
+from .._cancel import canceller_for  # internal: the driver's statement canceller, if any
+from .._maker import pool_capacity  # internal: the capacity a maker sizes its limiter to
 from ._lag import recording_lag
-from ._maker import pool_capacity, threadpool_sessionmaker
 
 __all__ = [
     "DoctorError",
