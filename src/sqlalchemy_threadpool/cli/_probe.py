@@ -48,6 +48,8 @@ __all__ = [
     "sqlite_journal_mode",
 ]
 
+#: The library's logger: the cancel check reports what the library warns about there.
+_LIBRARY_LOGGER = "sqlalchemy_threadpool"
 #: pip distributions of DBAPI modules whose import name differs.
 _PIP_NAMES = {
     "psycopg2": "psycopg2-binary",
@@ -307,7 +309,7 @@ async def _cancel_check(maker: threadpool_sessionmaker, engine: Engine) -> dict[
     if not has_canceller or statement is None:
         return result
     captured = _Captured()
-    package_logger = logging.getLogger(__name__.rpartition(".")[0])
+    package_logger = logging.getLogger(_LIBRARY_LOGGER)
     package_logger.addHandler(captured)
     start = time.perf_counter()
     try:
