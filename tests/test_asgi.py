@@ -521,15 +521,18 @@ FRAMEWORKS = (
     "uvicorn",
     "hypercorn",
 )
+#: The command line's package: only ``python -m sqlalchemy_threadpool`` imports it.
+CLI = "sqlalchemy_threadpool.cli"
 
 
 @pytest.mark.parametrize(
     "module", ["sqlalchemy_threadpool", "sqlalchemy_threadpool.integrations.asgi"]
 )
-def test_importing_imports_no_web_framework(module: str) -> None:
+def test_importing_imports_no_web_framework_and_no_cli(module: str) -> None:
     code = (
         f"import sys, {module}\n"
-        f"print(sorted(m for m in sys.modules if m.split('.')[0] in {FRAMEWORKS!r}))"
+        f"print(sorted(m for m in sys.modules if m.split('.')[0] in {FRAMEWORKS!r}"
+        f" or m == {CLI!r} or m.startswith({CLI + '.'!r})))"
     )
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60

@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, create_engine, text
 
-from sqlalchemy_threadpool.__main__ import main
-from sqlalchemy_threadpool._doctor import _recommendations, _table
+from sqlalchemy_threadpool.cli import main
+from sqlalchemy_threadpool.cli._doctor import _recommendations, _table
 
 #: Few samples: the tests check the report's shape and verdicts, not the figures.
 FAST = ["--samples", "5", "--quiet"]

@@ -31,9 +31,8 @@ from sqlalchemy import ForeignKey, String, create_engine, event, select, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-from ._context import threadpool_session
+from .. import threadpool_session, threadpool_sessionmaker
 from ._lag import recording_lag
-from ._maker import threadpool_sessionmaker
 
 
 class _Base(DeclarativeBase):

@@ -31,10 +31,10 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import QueuePool
 
-from ._cancel import canceller_for
-from ._exceptions import ConfigurationError
+from .. import ConfigurationError, threadpool_sessionmaker
+from .._cancel import canceller_for  # internal: the driver's statement canceller, if any
+from .._maker import pool_capacity  # internal: the capacity a maker sizes its limiter to
 from ._lag import recording_lag
-from ._maker import pool_capacity, threadpool_sessionmaker
 
 __all__ = [
     "DoctorError",
@@ -48,6 +48,8 @@ __all__ = [
     "sqlite_journal_mode",
 ]
 
+#: The library's logger: the cancel check reports what the library warns about there.
+_LIBRARY_LOGGER = "sqlalchemy_threadpool"
 #: pip distributions of DBAPI modules whose import name differs.
 _PIP_NAMES = {
     "psycopg2": "psycopg2-binary",
@@ -307,7 +309,7 @@ async def _cancel_check(maker: threadpool_sessionmaker, engine: Engine) -> dict[
     if not has_canceller or statement is None:
         return result
     captured = _Captured()
-    package_logger = logging.getLogger(__name__.rpartition(".")[0])
+    package_logger = logging.getLogger(_LIBRARY_LOGGER)
     package_logger.addHandler(captured)
     start = time.perf_counter()
     try:
