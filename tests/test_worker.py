@@ -26,6 +26,7 @@ from models import Base, User
 from sqlalchemy_threadpool import (
     ConfigurationError,
     TransactionInterruptedError,
+    _wakeup,
     _worker,
     allow_blocking,
     shutdown,
@@ -493,7 +494,7 @@ class _RetireAfterStopIdle:
         return self._victim_path.stat().st_size
 
 
-@pytest.mark.skipif(not _worker._EVENTFD, reason="needs eventfd (Linux)")
+@pytest.mark.skipif(not _wakeup.EVENTFD, reason="needs eventfd (Linux)")
 def test_stop_idle_never_writes_to_the_eventfd_of_a_thread_that_retired(tmp_path: Path) -> None:
     """A thread at its idle timeout while stop_idle() runs: stopped or retired, never both."""
     pool, owner = WorkerPool(0.05), Owner()
@@ -513,9 +514,9 @@ def test_stop_idle_never_writes_to_the_eventfd_of_a_thread_that_retired(tmp_path
     assert pool.idle == 0
 
 
-@pytest.mark.skipif(_worker._write_keeping_gil is None, reason="needs eventfd and libc (Linux)")
+@pytest.mark.skipif(_wakeup.write_keeping_gil is None, reason="needs eventfd and libc (Linux)")
 def test_the_libc_eventfd_calls_raise_on_a_bad_descriptor() -> None:
-    write, read = _worker._write_keeping_gil, _worker._read_eventfd
+    write, read = _wakeup.write_keeping_gil, _wakeup.read_eventfd
     assert write is not None
     for call in (write, read):
         with pytest.raises(OSError, match="Bad file descriptor") as caught:
@@ -538,9 +539,9 @@ def test_the_libc_eventfd_calls_raise_on_a_bad_descriptor() -> None:
 _PORTABLE_WAKEUPS = """
 import sys, threading, anyio
 from sqlalchemy import create_engine, text
-from sqlalchemy_threadpool import threadpool_sessionmaker, _worker
+from sqlalchemy_threadpool import threadpool_sessionmaker, _wakeup, _worker
 
-assert not _worker._EVENTFD
+assert not _wakeup.EVENTFD
 engine = create_engine(sys.argv[1])
 
 
@@ -632,11 +633,11 @@ class _Spinner:
         return self.count - before
 
 
-@pytest.mark.skipif(_worker._write_keeping_gil is None, reason="needs eventfd and libc (Linux)")
+@pytest.mark.skipif(_wakeup.write_keeping_gil is None, reason="needs eventfd and libc (Linux)")
 def test_waking_a_worker_while_others_are_busy_keeps_the_gil() -> None:
     """The loop thread's wake-ups under concurrency do not give the GIL to busy workers."""
     fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-    write, read = _worker._write_keeping_gil, _worker._read_eventfd
+    write, read = _wakeup.write_keeping_gil, _wakeup.read_eventfd
     assert write is not None
 
     def keeping() -> None:
@@ -659,7 +660,7 @@ def test_waking_a_worker_while_others_are_busy_keeps_the_gil() -> None:
     assert any(n != 0 for n in released), released  # it ran, or we waited to get it back
 
 
-@pytest.mark.skipif(_worker._write_keeping_gil is None, reason="needs eventfd and libc (Linux)")
+@pytest.mark.skipif(_wakeup.write_keeping_gil is None, reason="needs eventfd and libc (Linux)")
 async def test_only_a_lone_call_hands_the_gil_over_with_its_wake_up(
     sqlite_engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -668,20 +669,20 @@ async def test_only_a_lone_call_hands_the_gil_over_with_its_wake_up(
     loop_thread = threading.get_ident()
     releasing: list[int] = []
     keeping: list[int] = []
-    os_write, keep_write = os.eventfd_write, _worker._write_keeping_gil
+    os_write, keep_write = os.eventfd_write, _wakeup.write_keeping_gil
     assert keep_write is not None
 
     def spy_os_write(fd: int, value: int) -> None:
         if threading.get_ident() == loop_thread:  # (workers write too: to wake the loop)
-            releasing.append(len(_worker._in_flight))
+            releasing.append(len(_wakeup.in_flight))
         os_write(fd, value)
 
     def spy_keep_write(fd: int) -> None:
-        keeping.append(len(_worker._in_flight))
+        keeping.append(len(_wakeup.in_flight))
         keep_write(fd)
 
     monkeypatch.setattr(os, "eventfd_write", spy_os_write)
-    monkeypatch.setattr(_worker, "_write_keeping_gil", spy_keep_write)
+    monkeypatch.setattr(_wakeup, "write_keeping_gil", spy_keep_write)
     maker = threadpool_sessionmaker(sqlite_engine, worker_idle_timeout=LONG_IDLE)
     async with maker() as sess:
         for _ in range(5):

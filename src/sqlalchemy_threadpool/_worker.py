@@ -17,7 +17,7 @@ interval (5 ms) forces a switch. The loop thread drives every task, so it must n
 away in the middle of its work while workers are busy: under concurrency such waits were most
 of its time and set the event loop's lag (profiled in ``bench/RESULTS.md``). So the loop resets
 its eventfds with a read that keeps the GIL, and wakes a worker with a write that keeps it too
-while other calls are in flight (``_write_keeping_gil``, libc through :class:`ctypes.PyDLL`; the
+while other calls are in flight (:mod:`._wakeup`: libc through :class:`ctypes.PyDLL`; the
 eventfds are non-blocking, so neither call can block). Only when the call is the only one in
 flight does the wake-up release the GIL, which hands it straight to the woken thread: that
 makes a lone hop (W0/W1) cheaper, and nobody else is waiting for it then. Workers release
@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 import os
 import select
@@ -54,7 +53,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from anyio.lowlevel import current_token as _anyio_token
 
-from . import _from_thread
+from . import _from_thread, _wakeup
 
 if TYPE_CHECKING:
     import anyio
@@ -135,7 +134,9 @@ class Worker:
         # How the thread is woken: an eventfd where there is one (its write releases the GIL,
         # so the woken thread does not wake only to wait for the GIL), else a raw lock used as
         # a wake-up flag.
-        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) if _EVENTFD else None
+        self._wake_fd = (
+            os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) if _wakeup.EVENTFD else None
+        )
         self._go = threading.Lock()
         self._go.acquire()
         self._stopping = False  # set by stop(): exit at the next wait instead of waiting
@@ -167,14 +168,14 @@ class Worker:
         """
         job = _Job(fn, copy_context())
         loop = _get_running_loop()
-        _in_flight.append(None)
+        _wakeup.in_flight.append(None)
         try:
             if loop is not None:
                 await self._wait_asyncio(job, loop)
             else:
                 await self._wait_trio(job)
         finally:
-            _in_flight.pop()
+            _wakeup.in_flight.pop()
         if job.error is not None:
             error, job.error = job.error, None  # no reference cycle through the traceback
             raise error
@@ -201,8 +202,10 @@ class Worker:
     def _wake(self) -> None:
         fd = self._wake_fd
         if fd is not None:
-            if len(_in_flight) > 1 and _write_keeping_gil is not None:
-                _write_keeping_gil(fd)  # other calls are in flight: keep the GIL (docstring)
+            if len(_wakeup.in_flight) > 1 and _wakeup.write_keeping_gil is not None:
+                _wakeup.write_keeping_gil(
+                    fd
+                )  # other calls are in flight: keep the GIL (docstring)
             else:
                 os.eventfd_write(fd, 1)  # alone: hand the GIL to the woken thread
         else:
@@ -212,7 +215,7 @@ class Worker:
     async def _wait_asyncio(self, job: _Job, loop: asyncio.AbstractEventLoop) -> None:
         notifier = self._notifier
         if loop is not self._loop or notifier is None:
-            notifier, self._token = _asyncio_notifier(loop)
+            notifier, self._token = _wakeup.asyncio_notifier(loop)
             self._notifier, self._loop, self._trio_token = notifier, loop, None
         job.token = self._token
         future = loop.create_future()
@@ -233,7 +236,7 @@ class Worker:
             self._token = _anyio_token()
             self._trio_token, self._loop, self._notifier = trio_token, None, None
         job.token = self._token
-        if _EVENTFD and not self._fd_waiter and len(_in_flight) == 1:
+        if _wakeup.EVENTFD and not self._fd_waiter and len(_wakeup.in_flight) == 1:
             # Alone in flight, the task waits for the thread's eventfd itself: the I/O manager
             # wakes it directly, without a trip through trio's run_sync_soon queue and its
             # system task. Not under concurrency: registering the fd with trio's epoll
@@ -247,7 +250,7 @@ class Worker:
             try:
                 while True:
                     await trio.lowlevel.wait_readable(fd)
-                    _read_eventfd(fd)  # (a stale wake-up of an abandoned job: wait on)
+                    _wakeup.read_eventfd(fd)  # (a stale wake-up of an abandoned job: wait on)
                     if job.done:
                         return
             except BaseException as exc:
@@ -415,8 +418,6 @@ def _forget_threads_after_fork() -> None:
     for pool in _pools.values():
         pool._lock = threading.Lock()
         pool._idle = []
-    _loop_wakers.clear()
-    _in_flight.clear()
 
 
 if hasattr(os, "register_at_fork"):
@@ -439,130 +440,6 @@ def worker_pool(idle_timeout: float = IDLE_TIMEOUT) -> WorkerPool:
             if pool is None:
                 pool = _pools[idle_timeout] = WorkerPool(idle_timeout)
     return pool
-
-
-# -- waking the event loop from the worker thread ------------------------------------------
-
-
-#: Wake-ups through an eventfd (Linux): cheaper than a socket write plus a loop callback.
-_EVENTFD = hasattr(os, "eventfd") and os.environ.get("SATP_WORKER_EVENTFD", "1") != "0"
-
-
-class _LoopWaker:
-    """Resolves futures on one asyncio loop from worker threads, through one eventfd reader.
-
-    The thread queues the future and writes the eventfd; the loop's reader callback resolves
-    every queued future. Cheaper than ``call_soon_threadsafe`` (which writes a socket the loop
-    then drains with two reads, and resolves in one more callback).
-    """
-
-    __slots__ = ("_fd", "_ready", "token")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._ready: deque[asyncio.Future[None]] = deque()
-        #: anyio's token of the loop (made once per loop, not once per lending of a thread).
-        self.token = _anyio_token()
-        self._fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        try:
-            closing = weakref.finalize(loop, os.close, self._fd)  # TypeError: no weakrefs
-        except BaseException:
-            os.close(self._fd)
-            raise
-        try:
-            loop.add_reader(self._fd, self._resolve_ready)  # NotImplementedError: proactor
-        except BaseException:
-            closing()
-            raise
-
-    def notify(self, future: asyncio.Future[None]) -> None:  # in the worker thread
-        self._ready.append(future)
-        os.eventfd_write(self._fd, 1)
-
-    def _resolve_ready(self) -> None:
-        _read_eventfd(self._fd)
-        ready = self._ready
-        while ready:
-            _resolve(ready.popleft())
-
-
-#: One entry per call in flight to a worker, in every event loop of the process (``deque``
-#: appends and pops are atomic, so loops in several threads may share it): ``_wake`` keeps the
-#: GIL when there is more than one.
-_in_flight: deque[None] = deque()
-
-
-def _libc_eventfd_calls() -> tuple[Callable[[int], None], Callable[[int], None]] | None:
-    """libc's ``eventfd_write(fd, 1)`` and ``eventfd_read(fd)`` through :class:`ctypes.PyDLL`,
-    which calls them *without* releasing the GIL; ``None`` where they cannot be had."""
-    try:
-        import ctypes
-
-        libc = ctypes.PyDLL(None, use_errno=True)
-        c_write, c_read = libc.eventfd_write, libc.eventfd_read
-    except (ImportError, OSError, AttributeError):  # no ctypes, or a libc without them
-        return None
-    get_errno = ctypes.get_errno
-    c_write.argtypes = [ctypes.c_int, ctypes.c_uint64]
-    c_write.restype = ctypes.c_int
-    c_read.argtypes = [ctypes.c_int, ctypes.c_void_p]
-    c_read.restype = ctypes.c_int
-    # Shared by every caller: safe, since each call holds the GIL from start to end.
-    counter = ctypes.c_uint64()
-    where = ctypes.byref(counter)
-
-    def write(fd: int) -> None:
-        if c_write(fd, 1):  # -1: failed (EBADF: not an open eventfd), as os.eventfd_write raises
-            code = get_errno()
-            raise OSError(code, f"eventfd_write({fd}): {os.strerror(code)}")
-
-    def read(fd: int) -> None:
-        if c_read(fd, where):
-            code = get_errno()
-            if code != errno.EAGAIN:  # EAGAIN: already reset, nothing to do
-                raise OSError(code, f"eventfd_read({fd}): {os.strerror(code)}")
-
-    return write, read
-
-
-def _os_eventfd_read(fd: int) -> None:
-    with contextlib.suppress(BlockingIOError):  # (reset by an earlier read)
-        os.eventfd_read(fd)
-
-
-_libc_calls = _libc_eventfd_calls() if _EVENTFD else None
-#: Wakes a worker without releasing the GIL (``None``: not available here).
-_write_keeping_gil: Callable[[int], None] | None = _libc_calls[0] if _libc_calls else None
-#: Resets one of the event loop's eventfds, keeping the GIL where possible.
-_read_eventfd: Callable[[int], None] = _libc_calls[1] if _libc_calls else _os_eventfd_read
-
-_loop_wakers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopWaker] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def _asyncio_notifier(
-    loop: asyncio.AbstractEventLoop,
-) -> tuple[Callable[[asyncio.Future[None]], object], EventLoopToken]:
-    """How a worker thread resolves a future of ``loop``, and anyio's token of ``loop`` (for
-    ``anyio.from_thread``); called on the loop's thread."""
-    if _EVENTFD:
-        try:
-            waker = _loop_wakers.get(loop)
-            if waker is None:
-                waker = _loop_wakers[loop] = _LoopWaker(loop)
-            return waker.notify, waker.token
-        except (NotImplementedError, TypeError):  # no add_reader (proactor), no weakref
-            pass
-
-    def notify(future: asyncio.Future[None]) -> None:
-        loop.call_soon_threadsafe(_resolve, future)
-
-    return notify, _anyio_token()
-
-
-def _resolve(future: asyncio.Future[None]) -> None:
-    if not future.done():  # not cancelled meanwhile
-        future.set_result(None)
 
 
 def _trio_resume(job: _Job) -> None:
