@@ -13,7 +13,7 @@ import os
 import warnings
 import weakref
 from types import TracebackType
-from typing import Any, ClassVar, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, NamedTuple
 
 import anyio
 from sqlalchemy import event
@@ -35,6 +35,9 @@ from ._guard import GuardMode, install_guard
 from ._offload import CLEANUP_TIMEOUT, Offloader
 from ._session import ThreadpoolSession
 from ._worker import IDLE_TIMEOUT, WorkerPool, worker_pool
+
+if TYPE_CHECKING:
+    from ._engine import ThreadpoolEngine
 
 __all__ = ["OffloadMode", "threadpool_sessionmaker"]
 
@@ -107,7 +110,7 @@ class threadpool_sessionmaker:
 
     def __init__(
         self,
-        bind: Engine | Connection | None = None,
+        bind: Engine | Connection | ThreadpoolEngine | None = None,
         *,
         limiter: int | anyio.CapacityLimiter | None = None,
         guard: GuardMode = "raise",
@@ -120,6 +123,7 @@ class threadpool_sessionmaker:
         sync_session_class: type[Session] = Session,
         **session_kw: Any,
     ) -> None:
+        session_kw = unwrap_binds({**session_kw, "bind": bind})  # now holds the sync bind
         if guard not in ("raise", "warn", "off"):
             raise ConfigurationError(f"guard must be 'raise', 'warn' or 'off', not {guard!r}.")
         session_kw.setdefault("expire_on_commit", False)
@@ -133,9 +137,9 @@ class threadpool_sessionmaker:
             "offload": offload,
             "worker_idle_timeout": worker_idle_timeout,
         }
-        settings = self._settle({**session_kw, "bind": bind}, options)
+        settings = self._settle(session_kw, options)
         self.sync_maker: sessionmaker[Session] = sessionmaker(
-            bind, class_=sync_session_class, **session_kw
+            class_=sync_session_class, **session_kw
         )
         self._adopt(settings)
         event.listen(self.sync_maker, "do_orm_execute", _prebuffer_rows)
@@ -146,7 +150,7 @@ class threadpool_sessionmaker:
 
     def __call__(self, **local_kw: Any) -> ThreadpoolSession:
         """A new session; ``local_kw`` overrides the maker's sessionmaker arguments."""
-        sync_session = self.sync_maker(**local_kw)
+        sync_session = self.sync_maker(**unwrap_binds(local_kw))
         offloader = Offloader(
             sync_session,
             self.limiter,
@@ -191,6 +195,7 @@ class threadpool_sessionmaker:
                     "(its listeners are installed on the maker's sync sessionmaker). Make a "
                     f"new threadpool_sessionmaker(..., {fixed}=...) instead."
                 )
+        unwrap_binds(new_kw)
         options = {name: new_kw.pop(name) for name in _OPTIONS if name in new_kw}
         settings = self._settle({**self.sync_maker.kw, **new_kw}, {**self._options, **options})
         self.sync_maker.configure(**new_kw)
@@ -403,3 +408,22 @@ def _check_duckdb_memory(engine: Engine) -> None:
         "or one shared connection, create_engine('duckdb:///:memory:', poolclass=StaticPool), "
         "or a database file."
     )
+
+
+def unwrap_binds(kw: dict[str, Any]) -> dict[str, Any]:
+    """A :class:`ThreadpoolEngine` given as ``bind=`` or in ``binds=`` means its sync engine.
+
+    The one place the engine facade is unwrapped; changes ``kw`` in place and returns it.
+    """
+    if "bind" not in kw and not kw.get("binds"):
+        return kw
+    from ._engine import ThreadpoolEngine  # it imports this module
+
+    def sync(bind: Any) -> Any:
+        return bind.sync_engine if isinstance(bind, ThreadpoolEngine) else bind
+
+    if "bind" in kw:
+        kw["bind"] = sync(kw["bind"])
+    if kw.get("binds"):
+        kw["binds"] = {key: sync(value) for key, value in kw["binds"].items()}
+    return kw
