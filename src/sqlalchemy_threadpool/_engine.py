@@ -44,7 +44,6 @@ if TYPE_CHECKING:
         Dialect,
         IsolationLevel,
         _CoreAnyExecuteParams,
-        _DBAPIAnyExecuteParams,
     )
     from sqlalchemy.ext.asyncio import AsyncConnection
     from sqlalchemy.pool import Pool
@@ -112,7 +111,7 @@ class ThreadpoolEngine:
             )
         if sync_engine.dialect.is_async:
             raise ConfigurationError(
-                f"The engine's driver {sync_engine.dialect.driver!r} is an asyncio driver; a "
+                f"This asyncio engine (driver {sync_engine.dialect.driver!r}) cannot be used: a "
                 "ThreadpoolEngine runs a blocking driver in worker threads. Use the sync URL, "
                 "e.g. 'sqlite:///app.db' instead of 'sqlite+aiosqlite:///app.db', "
                 "'postgresql+psycopg2://...' instead of 'postgresql+asyncpg://...'."
@@ -290,6 +289,7 @@ class ThreadpoolConnection:
         execute = _ASYNC_CONNECTION.execute
         scalar = _ASYNC_CONNECTION.scalar
         scalars = _ASYNC_CONNECTION.scalars
+        exec_driver_sql = _ASYNC_CONNECTION.exec_driver_sql
     else:
 
         async def execute(self, statement, parameters=None, *, execution_options=None):
@@ -313,17 +313,12 @@ class ThreadpoolConnection:
                 "scalars()",
             )
 
-    async def exec_driver_sql(
-        self,
-        statement: str,
-        parameters: _DBAPIAnyExecuteParams | None = None,
-        execution_options: CoreExecuteOptionsParameter | None = None,
-    ) -> Any:
-        """Run a driver-level SQL string in a worker; the ``CursorResult`` comes back buffered."""
-        return await self._call(
-            lambda c: c.exec_driver_sql(statement, parameters, execution_options),
-            "exec_driver_sql()",
-        )
+        async def exec_driver_sql(self, statement, parameters=None, execution_options=None):
+            """Run a driver-level SQL string in a worker; the ``CursorResult`` is buffered."""
+            return await self._call(
+                lambda c: c.exec_driver_sql(statement, parameters, execution_options),
+                "exec_driver_sql()",
+            )
 
     # -- streaming ---------------------------------------------------------------------
     #
