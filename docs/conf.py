@@ -74,12 +74,19 @@ nitpick_ignore_regex = [
     ("py:class", r"sqlalchemy\.engine\.row\.Row"),  # not in SQLAlchemy's inventory
     ("py:class", r"Offloader"),  # ThreadpoolSession.__init__: sessions come from a maker
     ("py:class", r"sqlmodel\..*"),  # SQLModel's docs (MkDocs) publish no Sphinx inventory
+    # Engine facade signatures: SQLAlchemy typing names not in its inventory, and the maker's
+    # annotations left as strings (its bind names ThreadpoolEngine for type checkers only).
+    ("py:class", r"Dialect|IsolationLevel|CoreExecuteOptionsParameter|URL|Pool"),
+    ("py:class", r"GuardMode|OffloadMode"),
 ]
 
 #: Where annotations name a class by its defining module, the name the docs use for it.
 PUBLIC_NAMES = {
     "Executable": "sqlalchemy.sql.expression.Executable",
     "Session": "sqlalchemy.orm.Session",  # annotations autodoc cannot evaluate stay strings
+    "Engine": "sqlalchemy.engine.Engine",
+    "Connection": "sqlalchemy.engine.Connection",
+    "ThreadpoolEngine": "sqlalchemy_threadpool.ThreadpoolEngine",
     "sqlalchemy.engine.base.Connection": "sqlalchemy.engine.Connection",
     "sqlalchemy.engine.base.Engine": "sqlalchemy.engine.Engine",
     "sqlalchemy.engine.result.Result": "sqlalchemy.engine.Result",

@@ -36,7 +36,17 @@ OBJECTS: dict[str, list[tuple[str, str, str]]] = {
     "sqlalchemy": [
         ("sqlalchemy.create_engine", "py:function", "core/engines.html#$"),
         ("sqlalchemy.engine.Connection", "py:class", "core/connections.html#$"),
+        ("sqlalchemy.engine.Connection.info", "py:attribute", "core/connections.html#$"),
         ("sqlalchemy.engine.Engine", "py:class", "core/connections.html#$"),
+        ("sqlalchemy.engine.Engine.clear_compiled_cache", "py:method", "core/connections.html#$"),
+        ("sqlalchemy.engine.Engine.dispose", "py:method", "core/connections.html#$"),
+        ("sqlalchemy.engine.Engine.get_execution_options", "py:method", "core/connections.html#$"),
+        (
+            "sqlalchemy.engine.Engine.update_execution_options",
+            "py:method",
+            "core/connections.html#$",
+        ),
+        ("sqlalchemy.engine_from_config", "py:function", "core/engines.html#$"),
         ("sqlalchemy.engine.Result", "py:class", "core/connections.html#$"),
         ("sqlalchemy.engine.Result.unique", "py:method", "core/connections.html#$"),
         ("sqlalchemy.engine.RowMapping", "py:class", "core/connections.html#$"),

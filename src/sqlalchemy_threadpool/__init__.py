@@ -16,6 +16,11 @@ from ._context import current_session as current_session
 from ._context import get_default_sessionmaker as get_default_sessionmaker
 from ._context import set_default_sessionmaker as set_default_sessionmaker
 from ._context import threadpool_session as threadpool_session
+from ._engine import ThreadpoolConnection as ThreadpoolConnection
+from ._engine import ThreadpoolEngine as ThreadpoolEngine
+from ._engine import ThreadpoolTransaction as ThreadpoolTransaction
+from ._engine import create_threadpool_engine as create_threadpool_engine
+from ._engine import threadpool_engine_from_config as threadpool_engine_from_config
 from ._exceptions import AdmissionTimeoutError as AdmissionTimeoutError
 from ._exceptions import BlockingOnEventLoopError as BlockingOnEventLoopError
 from ._exceptions import BlockingOnEventLoopWarning as BlockingOnEventLoopWarning
@@ -49,21 +54,26 @@ __all__ = [
     "SessionClosedError",
     "SessionOwnershipError",
     "ThreadpoolAttrs",
+    "ThreadpoolConnection",
+    "ThreadpoolEngine",
     "ThreadpoolSession",
     "ThreadpoolSessionError",
     "ThreadpoolSessionTransaction",
     "ThreadpoolStreamMappingResult",
     "ThreadpoolStreamResult",
     "ThreadpoolStreamScalarResult",
+    "ThreadpoolTransaction",
     "TransactionInterruptedError",
     "allow_blocking",
     "bind_session",
+    "create_threadpool_engine",
     "current_session",
     "get_default_sessionmaker",
     "is_retryable",
     "run_transaction",
     "set_default_sessionmaker",
     "shutdown",
+    "threadpool_engine_from_config",
     "threadpool_object_session",
     "threadpool_session",
     "threadpool_session_of",

@@ -40,6 +40,8 @@ from ._worker import IDLE_TIMEOUT, WorkerPool, worker_pool
 if TYPE_CHECKING:
     from sqlalchemy.orm.session import _SessionBindKey
 
+    from ._engine import ThreadpoolEngine
+
 __all__ = ["OffloadMode", "implicit_maker", "threadpool_sessionmaker"]
 
 #: The session class a maker makes (``class_=``); ``ThreadpoolSession`` when not given.
@@ -120,7 +122,7 @@ class threadpool_sessionmaker(Generic[_TS]):
 
     def __init__(
         self,
-        bind: Engine | Connection | None = None,
+        bind: Engine | Connection | ThreadpoolEngine | None = None,
         *,
         limiter: int | anyio.CapacityLimiter | None = None,
         guard: GuardMode = "raise",
@@ -134,6 +136,7 @@ class threadpool_sessionmaker(Generic[_TS]):
         sync_session_class: type[Session] | None = None,
         **session_kw: Any,
     ) -> None:
+        session_kw = unwrap_binds({**session_kw, "bind": bind})  # now holds the sync bind
         if guard not in ("raise", "warn", "off"):
             raise ConfigurationError(f"guard must be 'raise', 'warn' or 'off', not {guard!r}.")
         session_kw.setdefault("expire_on_commit", False)
@@ -150,10 +153,8 @@ class threadpool_sessionmaker(Generic[_TS]):
             "offload": offload,
             "worker_idle_timeout": worker_idle_timeout,
         }
-        settings = self._settle({**session_kw, "bind": bind}, options)
-        self.sync_maker: sessionmaker[Session] = sessionmaker(
-            bind, class_=self.sync_class, **session_kw
-        )
+        settings = self._settle(session_kw, options)
+        self.sync_maker: sessionmaker[Session] = sessionmaker(class_=self.sync_class, **session_kw)
         self._adopt(settings)
         event.listen(self.sync_maker, "do_orm_execute", _prebuffer_rows)
         install_offload_events(self.sync_maker)
@@ -167,7 +168,7 @@ class threadpool_sessionmaker(Generic[_TS]):
 
     def open_sync_session(self, session_kw: dict[str, Any]) -> tuple[Session, Offloader]:
         """The sync session and its offloader, for ``ThreadpoolSession.__init__``."""
-        sync_session = self.sync_maker(**session_kw)
+        sync_session = self.sync_maker(**unwrap_binds(session_kw))
         offloader = Offloader(
             sync_session,
             self.limiter,
@@ -216,6 +217,7 @@ class threadpool_sessionmaker(Generic[_TS]):
                     "(its listeners are installed on the maker's sync sessionmaker). Make a "
                     f"new threadpool_sessionmaker(..., {fixed}=...) instead."
                 )
+        unwrap_binds(new_kw)
         options = {name: new_kw.pop(name) for name in _OPTIONS if name in new_kw}
         settings = self._settle({**self.sync_maker.kw, **new_kw}, {**self._options, **options})
         self.sync_maker.configure(**new_kw)
@@ -460,3 +462,22 @@ def _check_duckdb_memory(engine: Engine) -> None:
         "or one shared connection, create_engine('duckdb:///:memory:', poolclass=StaticPool), "
         "or a database file."
     )
+
+
+def unwrap_binds(kw: dict[str, Any]) -> dict[str, Any]:
+    """A :class:`ThreadpoolEngine` given as ``bind=`` or in ``binds=`` means its sync engine.
+
+    The one place the engine facade is unwrapped; changes ``kw`` in place and returns it.
+    """
+    if "bind" not in kw and not kw.get("binds"):
+        return kw
+    from ._engine import ThreadpoolEngine  # it imports this module
+
+    def sync(bind: Any) -> Any:
+        return bind.sync_engine if isinstance(bind, ThreadpoolEngine) else bind
+
+    if "bind" in kw:
+        kw["bind"] = sync(kw["bind"])
+    if kw.get("binds"):
+        kw["binds"] = {key: sync(value) for key, value in kw["binds"].items()}
+    return kw
