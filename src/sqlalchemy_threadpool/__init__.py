@@ -11,14 +11,13 @@
 from ._attrs import ThreadpoolAttrs as ThreadpoolAttrs
 from ._attrs import threadpool_object_session as threadpool_object_session
 from ._attrs import threadpool_session_of as threadpool_session_of
+from ._connection import ThreadpoolConnection as ThreadpoolConnection
 from ._context import bind_session as bind_session
 from ._context import current_session as current_session
 from ._context import get_default_sessionmaker as get_default_sessionmaker
 from ._context import set_default_sessionmaker as set_default_sessionmaker
 from ._context import threadpool_session as threadpool_session
-from ._engine import ThreadpoolConnection as ThreadpoolConnection
 from ._engine import ThreadpoolEngine as ThreadpoolEngine
-from ._engine import ThreadpoolTransaction as ThreadpoolTransaction
 from ._engine import create_threadpool_engine as create_threadpool_engine
 from ._engine import threadpool_engine_from_config as threadpool_engine_from_config
 from ._exceptions import AdmissionTimeoutError as AdmissionTimeoutError
@@ -37,11 +36,12 @@ from ._maker import threadpool_sessionmaker as threadpool_sessionmaker
 from ._retry import is_retryable as is_retryable
 from ._retry import run_transaction as run_transaction
 from ._session import ThreadpoolSession as ThreadpoolSession
-from ._session import ThreadpoolSessionTransaction as ThreadpoolSessionTransaction
 from ._shutdown import shutdown as shutdown
 from ._streams import ThreadpoolStreamMappingResult as ThreadpoolStreamMappingResult
 from ._streams import ThreadpoolStreamResult as ThreadpoolStreamResult
 from ._streams import ThreadpoolStreamScalarResult as ThreadpoolStreamScalarResult
+from ._transaction import ThreadpoolSessionTransaction as ThreadpoolSessionTransaction
+from ._transaction import ThreadpoolTransaction as ThreadpoolTransaction
 
 __all__ = [
     "AdmissionTimeoutError",

@@ -34,7 +34,8 @@ from ._cancel import StatementCanceller, canceller_for
 from ._exceptions import ConfigurationError, ConfigurationWarning
 from ._guard import GuardMode, install_guard
 from ._offload import CLEANUP_TIMEOUT, Offloader
-from ._session import ThreadpoolSession, ThreadpoolSessionTransaction
+from ._session import ThreadpoolSession
+from ._transaction import ThreadpoolSessionTransaction
 from ._worker import IDLE_TIMEOUT, WorkerPool, worker_pool
 
 if TYPE_CHECKING:

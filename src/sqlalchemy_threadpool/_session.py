@@ -12,15 +12,14 @@ written out.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Generator, Mapping
-from functools import partial
+from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Concatenate, Final, TypeVar, cast, overload
 
 import anyio
 from sqlalchemy.engine import Connection, Engine, Row
 from sqlalchemy.exc import InvalidRequestError
-from sqlalchemy.orm import Session, SessionTransaction, object_session
+from sqlalchemy.orm import Session, object_session
 from sqlalchemy.util import EMPTY_DICT
 from typing_extensions import ParamSpec, Self, TypeVarTuple, Unpack
 
@@ -29,6 +28,7 @@ from ._exceptions import ConfigurationError
 from ._members import attribute, generate_members, offloaded, plain, settable
 from ._results import check_callable, make_loop_safe
 from ._streams import ThreadpoolStreamResult, ThreadpoolStreamScalarResult, open_stream
+from ._transaction import ThreadpoolSessionTransaction
 
 if TYPE_CHECKING:
     from sqlalchemy.engine.interfaces import _CoreAnyExecuteParams
@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     #: Only names the types of AsyncSession's bound methods (see ``execute``); never exists.
     _ASYNC_SESSION = cast("AsyncSession", None)
 
-__all__ = ["ThreadpoolSession", "ThreadpoolSessionTransaction"]
+__all__ = ["ThreadpoolSession"]
 
 logger = logging.getLogger(__name__)
 
@@ -444,89 +444,3 @@ class ThreadpoolSession:
 
 #: Methods that acknowledge an interrupted unit of work (see TransactionInterruptedError).
 _RECOVERING = (Session.rollback, Session.close, Session.reset, Session.invalidate)
-
-
-class ThreadpoolSessionTransaction:
-    """A transaction or SAVEPOINT of a :class:`ThreadpoolSession`, usable as ``async with``.
-
-    ``await sess.begin()`` starts it and returns it; ``async with sess.begin():`` also commits
-    when the block succeeds and rolls back when it raises or is cancelled.
-    """
-
-    __slots__ = ("nested", "session", "sync_transaction")
-
-    def __init__(self, session: ThreadpoolSession, *, nested: bool) -> None:
-        self.session: ThreadpoolSession = session
-        self.nested: bool = nested
-        self.sync_transaction: SessionTransaction | None = None
-
-    @classmethod
-    def _wrap(
-        cls, session: ThreadpoolSession, transaction: SessionTransaction | None
-    ) -> ThreadpoolSessionTransaction | None:
-        """The facade of a sync transaction already begun (``get_transaction()``)."""
-        if transaction is None:
-            return None
-        wrapped = cls(session, nested=transaction.nested)
-        wrapped.sync_transaction = transaction
-        return wrapped
-
-    @property
-    def is_active(self) -> bool:
-        return self.sync_transaction is not None and self.sync_transaction.is_active
-
-    async def start(self) -> Self:
-        """Begin the transaction (SAVEPOINT for a nested one) in a worker."""
-        method = Session.begin_nested if self.nested else Session.begin
-        session = self.session.sync_session
-        self.sync_transaction = await self.session._offloader.call(partial(method, session))
-        return self
-
-    def __await__(self) -> Generator[Any, None, Self]:
-        return self.start().__await__()
-
-    async def commit(self) -> None:
-        """Commit this transaction (RELEASE SAVEPOINT for a nested one)."""
-        await self._end(commit=True)
-
-    async def rollback(self) -> None:
-        """Roll this transaction back (to its SAVEPOINT for a nested one)."""
-        await self._end(commit=False)
-
-    async def _end(self, *, commit: bool) -> None:
-        transaction = self.sync_transaction
-        if transaction is None:
-            raise RuntimeError("This transaction was never started; `await` it first.")
-        if not commit and not transaction.is_active:
-            return  # already rolled back, e.g. after an interrupted call
-        method = transaction.commit if commit else transaction.rollback
-        with anyio.CancelScope(shield=not commit):
-            await self.session._offloader.call(method, recovers=not commit)
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        assert self.sync_transaction is not None
-        # As AsyncSessionTransaction does: the sync transaction's own context manager (no IO
-        # here) decides at the end what to commit, roll back or close.
-        self.sync_transaction.__enter__()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        transaction = self.sync_transaction
-        if transaction is None:
-            return
-        offloader = self.session._offloader
-        if exc_type is None:
-            offloader.check_usable()  # never report an interrupted one committed
-        elif offloader.interrupted:
-            return  # the whole unit of work was rolled back already
-        # SessionTransaction.__exit__ in a worker: commit (a failed commit or RELEASE rolls the
-        # transaction or SAVEPOINT back before it raises), or roll back a transaction that is
-        # still active, or close one a failed flush deactivated; shielded when unwinding.
-        with anyio.CancelScope(shield=exc_type is not None):
-            await offloader.call(partial(transaction.__exit__, exc_type, exc, tb))

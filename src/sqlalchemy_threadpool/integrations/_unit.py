@@ -20,7 +20,8 @@ import anyio
 
 from .._context import bound_session
 from .._maker import threadpool_sessionmaker
-from .._session import ThreadpoolSession, ThreadpoolSessionTransaction
+from .._session import ThreadpoolSession
+from .._transaction import ThreadpoolSessionTransaction
 
 __all__ = ["CommitMode", "RequestUnit"]
 
