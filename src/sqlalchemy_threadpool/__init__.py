@@ -34,9 +34,13 @@ from ._retry import run_transaction as run_transaction
 from ._session import ThreadpoolSession as ThreadpoolSession
 from ._session import ThreadpoolSessionTransaction as ThreadpoolSessionTransaction
 from ._shutdown import shutdown as shutdown
+from ._streams import ThreadpoolMappingResult as ThreadpoolMappingResult
+from ._streams import ThreadpoolResult as ThreadpoolResult
+from ._streams import ThreadpoolScalarResult as ThreadpoolScalarResult
 from ._streams import ThreadpoolStreamMappingResult as ThreadpoolStreamMappingResult
 from ._streams import ThreadpoolStreamResult as ThreadpoolStreamResult
 from ._streams import ThreadpoolStreamScalarResult as ThreadpoolStreamScalarResult
+from ._streams import ThreadpoolTupleResult as ThreadpoolTupleResult
 
 __all__ = [
     "AdmissionTimeoutError",
@@ -49,12 +53,16 @@ __all__ = [
     "SessionClosedError",
     "SessionOwnershipError",
     "ThreadpoolAttrs",
+    "ThreadpoolMappingResult",
+    "ThreadpoolResult",
+    "ThreadpoolScalarResult",
     "ThreadpoolSession",
     "ThreadpoolSessionError",
     "ThreadpoolSessionTransaction",
     "ThreadpoolStreamMappingResult",
     "ThreadpoolStreamResult",
     "ThreadpoolStreamScalarResult",
+    "ThreadpoolTupleResult",
     "TransactionInterruptedError",
     "allow_blocking",
     "bind_session",
