@@ -31,6 +31,7 @@ from ._guard import allow_blocking as allow_blocking
 from ._maker import threadpool_sessionmaker as threadpool_sessionmaker
 from ._retry import is_retryable as is_retryable
 from ._retry import run_transaction as run_transaction
+from ._scoping import threadpool_scoped_session as threadpool_scoped_session
 from ._session import ThreadpoolSession as ThreadpoolSession
 from ._session import ThreadpoolSessionTransaction as ThreadpoolSessionTransaction
 from ._shutdown import shutdown as shutdown
@@ -73,6 +74,7 @@ __all__ = [
     "set_default_sessionmaker",
     "shutdown",
     "threadpool_object_session",
+    "threadpool_scoped_session",
     "threadpool_session",
     "threadpool_session_of",
     "threadpool_sessionmaker",

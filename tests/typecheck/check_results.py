@@ -1,4 +1,4 @@
-"""Static checks of the result classes' new members, by mypy on SQLAlchemy 2.0 and 2.1.
+"""Static checks of the result classes' new members and the scoped session, on 2.0 and 2.1.
 
 ``ThreadpoolResult`` and its views under their ``AsyncResult`` names: ``tuples()`` / ``t``
 give a ``ThreadpoolTupleResult``; ``freeze()`` gives the ``FrozenResult`` that
@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import anyio
 from sqlalchemy import select, text
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.engine.result import RMKeyView
@@ -24,6 +25,8 @@ from sqlalchemy_threadpool import (
     ThreadpoolSession,
     ThreadpoolStreamResult,
     ThreadpoolTupleResult,
+    threadpool_scoped_session,
+    threadpool_sessionmaker,
 )
 
 from ._helpers import same_as_async_session
@@ -76,3 +79,15 @@ async def aliases(sess: ThreadpoolSession) -> None:
     assert_type(untyped, ThreadpoolResult[Any])
     old_name: ThreadpoolStreamResult[Any] = untyped  # the earlier name is the same class
     assert_type(old_name, ThreadpoolResult[Any])
+
+
+async def scoped_sessions(maker: threadpool_sessionmaker, sess: ThreadpoolSession) -> None:
+    scoped = threadpool_scoped_session(maker, scopefunc=lambda: anyio.get_current_task().id)
+    assert_type(scoped, threadpool_scoped_session[ThreadpoolSession])
+    assert_type(scoped(), ThreadpoolSession)
+    assert_type(scoped(autoflush=False), ThreadpoolSession)
+    assert_type(await scoped.remove(), None)
+    assert_type(scoped.session_factory, threadpool_sessionmaker[ThreadpoolSession])
+    stmt = select(User.id)
+    same_as_async_session([await scoped().scalar(stmt)], [await sess.scalar(stmt)])
+    assert_type(await scoped.scalar(select(User.id)), Any)  # proxies: Any
