@@ -70,7 +70,7 @@ nitpick_ignore_regex = [
     ("py:class", r"(P|R|T|_R|_T|_Ts)(\.args|\.kwargs)?"),
     ("py:class", r"typing_extensions\..*"),
     # SQLAlchemy's typing aliases in its own signatures, undocumented there too.
-    ("py:class", r"OrmExecuteOptionsParameter|TypedReturnsRows"),
+    ("py:class", r"OrmExecuteOptionsParameter|TypedReturnsRows|RMKeyView|ScopedRegistry"),
     ("py:class", r"sqlalchemy\.engine\.row\.Row"),  # not in SQLAlchemy's inventory
     ("py:class", r"Offloader"),  # ThreadpoolSession.__init__: sessions come from a maker
     ("py:class", r"sqlmodel\..*"),  # SQLModel's docs (MkDocs) publish no Sphinx inventory
@@ -89,6 +89,7 @@ PUBLIC_NAMES = {
     "ThreadpoolEngine": "sqlalchemy_threadpool.ThreadpoolEngine",
     "sqlalchemy.engine.base.Connection": "sqlalchemy.engine.Connection",
     "sqlalchemy.engine.base.Engine": "sqlalchemy.engine.Engine",
+    "sqlalchemy.engine.result.FrozenResult": "sqlalchemy.engine.FrozenResult",
     "sqlalchemy.engine.result.Result": "sqlalchemy.engine.Result",
     "sqlalchemy.engine.result.ScalarResult": "sqlalchemy.engine.ScalarResult",
     "sqlalchemy.engine.row.RowMapping": "sqlalchemy.engine.RowMapping",

@@ -35,11 +35,16 @@ from ._guard import allow_blocking as allow_blocking
 from ._maker import threadpool_sessionmaker as threadpool_sessionmaker
 from ._retry import is_retryable as is_retryable
 from ._retry import run_transaction as run_transaction
+from ._scoping import threadpool_scoped_session as threadpool_scoped_session
 from ._session import ThreadpoolSession as ThreadpoolSession
 from ._shutdown import shutdown as shutdown
+from ._streams import ThreadpoolMappingResult as ThreadpoolMappingResult
+from ._streams import ThreadpoolResult as ThreadpoolResult
+from ._streams import ThreadpoolScalarResult as ThreadpoolScalarResult
 from ._streams import ThreadpoolStreamMappingResult as ThreadpoolStreamMappingResult
 from ._streams import ThreadpoolStreamResult as ThreadpoolStreamResult
 from ._streams import ThreadpoolStreamScalarResult as ThreadpoolStreamScalarResult
+from ._streams import ThreadpoolTupleResult as ThreadpoolTupleResult
 from ._transaction import ThreadpoolSessionTransaction as ThreadpoolSessionTransaction
 from ._transaction import ThreadpoolTransaction as ThreadpoolTransaction
 
@@ -56,6 +61,9 @@ __all__ = [
     "ThreadpoolAttrs",
     "ThreadpoolConnection",
     "ThreadpoolEngine",
+    "ThreadpoolMappingResult",
+    "ThreadpoolResult",
+    "ThreadpoolScalarResult",
     "ThreadpoolSession",
     "ThreadpoolSessionError",
     "ThreadpoolSessionTransaction",
@@ -63,6 +71,7 @@ __all__ = [
     "ThreadpoolStreamResult",
     "ThreadpoolStreamScalarResult",
     "ThreadpoolTransaction",
+    "ThreadpoolTupleResult",
     "TransactionInterruptedError",
     "allow_blocking",
     "bind_session",
@@ -75,6 +84,7 @@ __all__ = [
     "shutdown",
     "threadpool_engine_from_config",
     "threadpool_object_session",
+    "threadpool_scoped_session",
     "threadpool_session",
     "threadpool_session_of",
     "threadpool_sessionmaker",

@@ -1,179 +1,54 @@
-"""Streaming results: one server-side result whose views all read from a single position.
+"""The public stream results: ``ThreadpoolResult`` and its scalar, mapping and tuple views.
 
-:meth:`ThreadpoolSession.stream` returns a :class:`ThreadpoolStreamResult`; ``scalars()``,
-``mappings()``, ``columns()``, ``unique()`` and ``tuples()`` are views of it, as in
-``AsyncResult``. Every view is SQLAlchemy's own sync view (``ScalarResult``, ``MappingResult``,
-...) over one :class:`_StreamRows`, which holds the raw rows read ahead and, behind them, the
-sync result: so views share one position and see each row once, in order (invariant 10), and
-row processing, ``unique()`` and ``columns()`` are SQLAlchemy's.
-
-IO happens only in a worker (invariant 5). ``async for`` and ``fetchone()`` read a chunk of
-``STREAM_CHUNK_SIZE`` (1000) raw rows per worker call and serve the rows on the loop from that
-chunk; every other fetch is one worker call, as each is one ``greenlet_spawn`` in
-``AsyncResult``.
+:meth:`ThreadpoolSession.stream` returns a :class:`ThreadpoolResult`, the counterpart of
+``AsyncResult`` member for member; ``scalars()``, ``mappings()``, ``tuples()`` / ``t``,
+``columns()`` and ``unique()`` give its views (``ThreadpoolScalarResult``,
+``ThreadpoolMappingResult``, ``ThreadpoolTupleResult``, as ``AsyncScalarResult``,
+``AsyncMappingResult``, ``AsyncTupleResult``). All views of one stream share one position
+(invariant 10): see :mod:`._stream_rows` for the rows and :mod:`._stream_views` for what
+every view shares. ``ThreadpoolStreamResult``, ``ThreadpoolStreamScalarResult`` and
+``ThreadpoolStreamMappingResult`` are the earlier names, kept as aliases.
 """
 
 from __future__ import annotations
 
-from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from types import TracebackType
-from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar, overload
 
-import anyio
-from sqlalchemy.engine import Result, Row, RowMapping
-from sqlalchemy.exc import ResourceClosedError
-from typing_extensions import Self, Unpack
+from sqlalchemy.engine import FrozenResult, Result, Row, RowMapping
+from typing_extensions import Self, TypeVarTuple, Unpack
+
+from ._stream_rows import STREAM_CHUNK_SIZE, StreamRows
+from ._stream_views import StreamView
 
 if TYPE_CHECKING:
+    from sqlalchemy.engine.result import RMKeyView, _KeyIndexType
+
     from ._offload import Offloader
 
 __all__ = [
     "STREAM_CHUNK_SIZE",
+    "ThreadpoolMappingResult",
+    "ThreadpoolResult",
+    "ThreadpoolScalarResult",
     "ThreadpoolStreamMappingResult",
     "ThreadpoolStreamResult",
     "ThreadpoolStreamScalarResult",
+    "ThreadpoolTupleResult",
     "open_stream",
 ]
 
-#: Raw rows read per worker call by ``async for`` and ``fetchone()``, and the default size
-#: of ``fetchmany()`` / ``partitions()``.
-STREAM_CHUNK_SIZE = 1000
-
-T = TypeVar("T")
 _T = TypeVar("_T")
 _TP = TypeVar("_TP")
+_TP20 = TypeVar("_TP20", bound=tuple[Any, ...])  # SQLAlchemy 2.0's row type parameter
+_Ts = TypeVarTuple("_Ts")
 _R_co = TypeVar("_R_co", covariant=True)
 _T_co = TypeVar("_T_co", covariant=True)
 
 
-#: What ``next(view, _END)`` returns after the last row.
-_END: Any = object()
-
-
-class _NeedRows(Exception):
-    """Raised on the loop when a view needs rows that are not read ahead yet."""
-
-
-class _StreamRows(Result[Any]):
-    """The one source of rows of a stream: rows read ahead, then the sync result behind them.
-
-    A ``Result`` whose raw rows come first from the read-ahead deque, then from the sync
-    result (the IO). Views are built on it as on any ``Result``, so they share its position.
-    Outside a worker (``_io`` false) it never touches the sync result: it raises
-    :class:`_NeedRows` instead and the caller reads a chunk ahead in a worker.
-    """
-
-    def __init__(self, real: Result[Any], offloader: Offloader) -> None:
-        super().__init__(real._metadata)
-        self._real = real
-        self._offloader = offloader
-        self._ahead: deque[Any] = deque()
-        self._exhausted = False  # the sync result returned no more rows
-        self._hard_closed = False
-        self._io = False  # a worker runs a call of this stream now
-        self._busy = 0  # calls of this stream started on the loop and not finished
-        self._unique_filter_state = real._unique_filter_state
-        self._source_supports_scalars = real._source_supports_scalars
-        self._yield_per = real._yield_per
-        self._attributes = real._attributes
-        if real._row_logging_fn is not None:  # echo="debug" logs rows as they are made
-            self._row_logging_fn = real._row_logging_fn
-
-    # -- on the loop --------------------------------------------------------------------
-
-    def loop_may_read(self) -> bool:
-        """Whether rows may be served on the loop now (no worker is inside this stream)."""
-        return not self._busy and not self._offloader.interrupted
-
-    def read_ahead(self) -> None:
-        """Read a chunk of raw rows into the deque (runs in a worker)."""
-        if not self._exhausted and not self._hard_closed:
-            self._ahead.extend(self._read(STREAM_CHUNK_SIZE))
-
-    def close_without_io(self) -> None:
-        """Mark closed when the sync result is gone or already released."""
-        self._hard_closed = True
-        self._ahead.clear()
-        if self._real._soft_closed and not self._real.closed:
-            self._real.close()  # the cursor is released already: only bookkeeping
-
-    # -- what SQLAlchemy's views call ---------------------------------------------------
-
-    def _read(self, size: int | None) -> list[Any]:
-        if self._exhausted:
-            return []
-        if not self._io:
-            raise _NeedRows
-        rows = list(self._real._fetchmany_impl(size))
-        if not rows:
-            self._exhausted = True
-        return rows
-
-    def _check_open(self) -> None:
-        if self._hard_closed:
-            raise ResourceClosedError("This result object is closed.")
-
-    def _fetchone_impl(self, hard_close: bool = False) -> Any:
-        self._check_open()
-        if self._ahead:
-            return self._ahead.popleft()
-        rows = self._read(1)
-        if rows:
-            return rows[0]
-        if hard_close:
-            self._soft_close(hard=True)
-        return None
-
-    def _fetchmany_impl(self, size: int | None = None) -> list[Any]:
-        self._check_open()
-        if size is None:
-            size = self._yield_per or STREAM_CHUNK_SIZE
-        ahead = self._ahead
-        if len(ahead) < size and not self._io and not self._exhausted:
-            raise _NeedRows  # before taking anything: nothing is lost
-        rows = [ahead.popleft() for _ in range(min(size, len(ahead)))]
-        if len(rows) < size:
-            rows.extend(self._read(size - len(rows)))
-        return rows
-
-    def _fetchall_impl(self) -> list[Any]:
-        self._check_open()
-        if not self._exhausted and not self._io:
-            raise _NeedRows
-        rows = list(self._ahead)
-        self._ahead.clear()
-        if not self._exhausted:
-            rows.extend(self._real._fetchall_impl())
-            self._exhausted = True
-        return rows
-
-    def _fetchiter_impl(self) -> Iterator[Any]:
-        while (row := self._fetchone_impl()) is not None:
-            yield row
-
-    def _raw_row_iterator(self) -> Iterator[Any]:
-        return self._fetchiter_impl()
-
-    def _soft_close(self, hard: bool = False, **kw: Any) -> None:
-        if hard:
-            self._hard_closed = True
-            self._ahead.clear()
-        self._real._soft_close(hard=hard)
-
-    @property
-    def _soft_closed(self) -> bool:
-        return self._hard_closed or (not self._ahead and self._real._soft_closed)
-
-    @property
-    def closed(self) -> bool:
-        return self._hard_closed or self._real.closed
-
-
-def open_stream(sync_result: Result[Any], offloader: Offloader) -> ThreadpoolStreamResult[Any]:
+def open_stream(sync_result: Result[Any], offloader: Offloader) -> ThreadpoolResult[Any]:
     """Wrap a server-side ``sync_result`` (fresh from a worker) as a stream."""
-    rows = _StreamRows(sync_result, offloader)
-    return ThreadpoolStreamResult(rows, rows)
+    rows = StreamRows(sync_result, offloader)
+    return ThreadpoolResult(rows, rows)
 
 
 class _HasTuple(Protocol[_T_co]):
@@ -182,141 +57,7 @@ class _HasTuple(Protocol[_T_co]):
     def _tuple(self) -> _T_co: ...
 
 
-class _StreamView(Generic[_R_co]):
-    """What every view of a stream has: one worker call per fetch, close, ``async with``."""
-
-    __slots__ = ("_rows", "_view")
-
-    def __init__(self, rows: _StreamRows, view: Any) -> None:
-        self._rows = rows
-        self._view = view  # SQLAlchemy's sync view over ``rows``
-
-    async def _run(self, fn: Callable[[], T]) -> T:
-        """Run ``fn`` (a method of the sync view) in a worker, where it may read rows."""
-        rows = self._rows
-
-        def in_worker() -> T:
-            rows._io = True
-            try:
-                return fn()
-            finally:
-                rows._io = False
-
-        rows._busy += 1
-        try:
-            return await rows._offloader.call(in_worker)
-        finally:
-            rows._busy -= 1
-
-    async def _one_at_a_time(self, fn: Callable[[], T]) -> T:
-        """Run a one-row getter on the loop, reading a chunk ahead in a worker when needed."""
-        rows = self._rows
-        while True:
-            if rows.loop_may_read():
-                try:
-                    return fn()
-                except _NeedRows:
-                    pass
-            await self._run(rows.read_ahead)
-
-    @property
-    def closed(self) -> bool:
-        """Whether the stream was closed (explicitly, or by ``first()``, ``one()``, ...)."""
-        return bool(self._view.closed)
-
-    async def close(self) -> None:
-        """Release the cursor, in a worker and shielded from cancellation."""
-        rows = self._rows
-        if rows._hard_closed:
-            return
-        offloader = rows._offloader
-        if rows._real.closed or rows._real._soft_closed or offloader.closed:
-            rows.close_without_io()  # nothing left to release, or no session to do it
-        elif offloader.interrupted:
-            rows.close_without_io()  # the interrupted unit of work was rolled back
-        else:
-            with anyio.CancelScope(shield=True):
-                await self._run(rows.close)
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
-
-    def __aiter__(self) -> Self:
-        return self
-
-    async def __anext__(self) -> _R_co:
-        view = self._view
-        row = await self._one_at_a_time(lambda: next(view, _END))
-        if row is _END:
-            raise StopAsyncIteration
-        return row  # type: ignore[no-any-return]
-
-    async def fetchmany(self, size: int | None = None) -> Sequence[_R_co]:
-        """Up to ``size`` rows (1000 by default), in one worker call."""
-        return await self._run(lambda: self._view.fetchmany(size))
-
-    def partitions(self, size: int | None = None) -> AsyncIterator[Sequence[_R_co]]:
-        """Lists of up to ``size`` rows (1000 by default), a worker call each.
-
-        A plain async iterator, not an async generator: breaking out of the loop leaves
-        nothing to finalise.
-        """
-        return _Partitions(self, size)
-
-    async def fetchall(self) -> Sequence[_R_co]:
-        """Every remaining row, in one worker call."""
-        return await self._run(self._view.fetchall)
-
-    async def all(self) -> Sequence[_R_co]:
-        """Every remaining row (same as :meth:`fetchall`)."""
-        return await self._run(self._view.all)
-
-    async def first(self) -> _R_co | None:
-        """The next row or ``None``; closes the result."""
-        return await self._run(self._view.first)
-
-    async def one(self) -> _R_co:
-        """The next row, which must be the last; closes the result."""
-        return await self._run(self._view.one)
-
-    async def one_or_none(self) -> _R_co | None:
-        """The next row or ``None``, raising if more remain; closes the result."""
-        return await self._run(self._view.one_or_none)
-
-    def unique(self, strategy: Callable[[Any], Any] | None = None) -> Self:
-        """Apply unique filtering, as :meth:`sqlalchemy.engine.Result.unique` (in place)."""
-        self._view.unique(strategy)
-        return self
-
-
-class _Partitions(Generic[_R_co]):
-    """The async iterator that ``partitions()`` returns."""
-
-    __slots__ = ("_size", "_view")
-
-    def __init__(self, view: _StreamView[_R_co], size: int | None) -> None:
-        self._view = view
-        self._size = size
-
-    def __aiter__(self) -> Self:
-        return self
-
-    async def __anext__(self) -> Sequence[_R_co]:
-        part = await self._view.fetchmany(self._size)
-        if not part:
-            raise StopAsyncIteration
-        return part
-
-
-class ThreadpoolStreamResult(_StreamView[_R_co]):
+class ThreadpoolResult(StreamView[_R_co]):
     """A streaming result: rows are read from a server-side cursor in a worker.
 
     Returned by :meth:`ThreadpoolSession.stream`; the counterpart of ``AsyncResult``. Its
@@ -328,55 +69,80 @@ class ThreadpoolStreamResult(_StreamView[_R_co]):
 
     __slots__ = ()
 
-    def keys(self) -> Any:
+    def keys(self) -> RMKeyView:
         """The column names, as ``Result.keys()``."""
-        return self._view.keys()
+        return self._view.keys()  # type: ignore[no-any-return]
 
-    def columns(self, *col_expressions: Any) -> Self:
+    def columns(self, *col_expressions: _KeyIndexType) -> Self:
         """Keep only these columns in each row (in place), as ``Result.columns()``."""
         self._view.columns(*col_expressions)
         return self
 
     @overload
     def scalars(
-        self: ThreadpoolStreamResult[_HasTuple[tuple[_T]]], index: Literal[0] = ...
-    ) -> ThreadpoolStreamScalarResult[_T]: ...
+        self: ThreadpoolResult[_HasTuple[tuple[_T]]], index: Literal[0] = ...
+    ) -> ThreadpoolScalarResult[_T]: ...
     @overload
     def scalars(  # SQLAlchemy 2.1: Row[int, str] is a tuple[int, str]
-        self: ThreadpoolStreamResult[tuple[_T, Unpack[tuple[Any, ...]]]],
+        self: ThreadpoolResult[tuple[_T, Unpack[tuple[Any, ...]]]],
         index: Literal[0] = ...,
-    ) -> ThreadpoolStreamScalarResult[_T]: ...
+    ) -> ThreadpoolScalarResult[_T]: ...
     @overload
     def scalars(  # type: ignore[overload-cannot-match, unused-ignore]  # SQLAlchemy 2.0
-        self: ThreadpoolStreamResult[Row[tuple[_T]]], index: Literal[0] = ...
-    ) -> ThreadpoolStreamScalarResult[_T]: ...
+        self: ThreadpoolResult[Row[tuple[_T]]], index: Literal[0] = ...
+    ) -> ThreadpoolScalarResult[_T]: ...
     @overload
-    def scalars(self, index: int | str = 0) -> ThreadpoolStreamScalarResult[Any]: ...
-    def scalars(self, index: int | str = 0) -> ThreadpoolStreamScalarResult[Any]:
+    def scalars(self, index: int | str = 0) -> ThreadpoolScalarResult[Any]: ...
+    def scalars(self, index: int | str = 0) -> ThreadpoolScalarResult[Any]:
         """A view returning one column (the first by default) of each row."""
-        return ThreadpoolStreamScalarResult(self._rows, self._view.scalars(index))
+        return ThreadpoolScalarResult(self._rows, self._view.scalars(index))
 
-    def mappings(self) -> ThreadpoolStreamMappingResult:
+    def mappings(self) -> ThreadpoolMappingResult:
         """A view returning each row as a :class:`~sqlalchemy.engine.RowMapping`."""
-        return ThreadpoolStreamMappingResult(self._rows, self._view.mappings())
+        return ThreadpoolMappingResult(self._rows, self._view.mappings())
 
-    def tuples(self: ThreadpoolStreamResult[_HasTuple[_TP]]) -> ThreadpoolStreamResult[_TP]:
-        """This result, typed as returning plain tuples (``Row`` is one already)."""
-        return self  # type: ignore[return-value]
+    def tuples(self: ThreadpoolResult[_HasTuple[_TP]]) -> ThreadpoolTupleResult[_TP]:
+        """A view typed as returning plain tuples (a ``Row`` is one already).
+
+        Same position and same rows as this result; as ``AsyncResult.tuples()``, which
+        SQLAlchemy 2.1 deprecates because ``Row`` types unpack directly there (this one does
+        not warn).
+        """
+        return ThreadpoolTupleResult(self._rows, self._view)
+
+    @property
+    def t(self: ThreadpoolResult[_HasTuple[_TP]]) -> ThreadpoolTupleResult[_TP]:
+        """Shorter synonym of :meth:`tuples`."""
+        return ThreadpoolTupleResult(self._rows, self._view)
+
+    @overload
+    async def freeze(self: ThreadpoolResult[Row[_TP20]]) -> FrozenResult[_TP20]: ...
+    @overload
+    async def freeze(  # SQLAlchemy 2.1
+        self: ThreadpoolResult[Row[Unpack[_Ts]]],  # type: ignore[type-arg, valid-type, misc, unused-ignore]
+    ) -> FrozenResult[Unpack[_Ts]]: ...  # type: ignore[type-arg, valid-type, misc, unused-ignore]
+    async def freeze(self) -> FrozenResult[Any]:
+        """Fetch the remaining rows in a worker and return them as a ``FrozenResult``.
+
+        Calling the :class:`~sqlalchemy.engine.FrozenResult` makes a new, buffered sync
+        ``Result`` over those rows, as many times as wanted (result caching). As
+        ``AsyncResult.freeze()``, call it on an unconsumed result; it consumes the result.
+        """
+        return await self._run(lambda: FrozenResult(self._view))
 
     async def fetchone(self) -> _R_co | None:
         """The next row or ``None``; served from the rows read ahead when it can be."""
         return await self._one_at_a_time(self._view.fetchone)
 
     @overload
-    async def scalar(self: ThreadpoolStreamResult[_HasTuple[tuple[_T]]]) -> _T | None: ...
+    async def scalar(self: ThreadpoolResult[_HasTuple[tuple[_T]]]) -> _T | None: ...
     @overload
     async def scalar(
-        self: ThreadpoolStreamResult[tuple[_T, Unpack[tuple[Any, ...]]]],
+        self: ThreadpoolResult[tuple[_T, Unpack[tuple[Any, ...]]]],
     ) -> _T | None: ...
     @overload
     async def scalar(  # type: ignore[overload-cannot-match, unused-ignore]  # SQLAlchemy 2.0
-        self: ThreadpoolStreamResult[Row[tuple[_T]]],
+        self: ThreadpoolResult[Row[tuple[_T]]],
     ) -> _T | None: ...
     @overload
     async def scalar(self) -> Any: ...
@@ -385,14 +151,14 @@ class ThreadpoolStreamResult(_StreamView[_R_co]):
         return await self._run(self._view.scalar)
 
     @overload
-    async def scalar_one(self: ThreadpoolStreamResult[_HasTuple[tuple[_T]]]) -> _T: ...
+    async def scalar_one(self: ThreadpoolResult[_HasTuple[tuple[_T]]]) -> _T: ...
     @overload
     async def scalar_one(
-        self: ThreadpoolStreamResult[tuple[_T, Unpack[tuple[Any, ...]]]],
+        self: ThreadpoolResult[tuple[_T, Unpack[tuple[Any, ...]]]],
     ) -> _T: ...
     @overload
     async def scalar_one(  # type: ignore[overload-cannot-match, unused-ignore]  # SQLAlchemy 2.0
-        self: ThreadpoolStreamResult[Row[tuple[_T]]],
+        self: ThreadpoolResult[Row[tuple[_T]]],
     ) -> _T: ...
     @overload
     async def scalar_one(self) -> Any: ...
@@ -402,15 +168,15 @@ class ThreadpoolStreamResult(_StreamView[_R_co]):
 
     @overload
     async def scalar_one_or_none(
-        self: ThreadpoolStreamResult[_HasTuple[tuple[_T]]],
+        self: ThreadpoolResult[_HasTuple[tuple[_T]]],
     ) -> _T | None: ...
     @overload
     async def scalar_one_or_none(
-        self: ThreadpoolStreamResult[tuple[_T, Unpack[tuple[Any, ...]]]],
+        self: ThreadpoolResult[tuple[_T, Unpack[tuple[Any, ...]]]],
     ) -> _T | None: ...
     @overload
     async def scalar_one_or_none(  # type: ignore[overload-cannot-match, unused-ignore]  # SQLAlchemy 2.0
-        self: ThreadpoolStreamResult[Row[tuple[_T]]],
+        self: ThreadpoolResult[Row[tuple[_T]]],
     ) -> _T | None: ...
     @overload
     async def scalar_one_or_none(self) -> Any: ...
@@ -419,28 +185,28 @@ class ThreadpoolStreamResult(_StreamView[_R_co]):
         return await self._run(self._view.scalar_one_or_none)
 
 
-class ThreadpoolStreamScalarResult(_StreamView[_T_co]):
+class ThreadpoolScalarResult(StreamView[_T_co]):
     """A view of a stream returning one column of each row: ``AsyncScalarResult``'s twin.
 
-    From :meth:`ThreadpoolStreamResult.scalars` or :meth:`ThreadpoolSession.stream_scalars`.
+    From :meth:`ThreadpoolResult.scalars` or :meth:`ThreadpoolSession.stream_scalars`.
     """
 
     __slots__ = ()
 
 
-class ThreadpoolStreamMappingResult(_StreamView[RowMapping]):
+class ThreadpoolMappingResult(StreamView[RowMapping]):
     """A view of a stream returning :class:`~sqlalchemy.engine.RowMapping` objects.
 
-    From :meth:`ThreadpoolStreamResult.mappings`: ``AsyncMappingResult``'s twin.
+    From :meth:`ThreadpoolResult.mappings`: ``AsyncMappingResult``'s twin.
     """
 
     __slots__ = ()
 
-    def keys(self) -> Any:
+    def keys(self) -> RMKeyView:
         """The column names, as ``MappingResult.keys()``."""
-        return self._view.keys()
+        return self._view.keys()  # type: ignore[no-any-return]
 
-    def columns(self, *col_expressions: Any) -> Self:
+    def columns(self, *col_expressions: _KeyIndexType) -> Self:
         """Keep only these columns in each mapping (in place)."""
         self._view.columns(*col_expressions)
         return self
@@ -448,3 +214,49 @@ class ThreadpoolStreamMappingResult(_StreamView[RowMapping]):
     async def fetchone(self) -> RowMapping | None:
         """The next mapping or ``None``; served from the rows read ahead when it can be."""
         return await self._one_at_a_time(self._view.fetchone)
+
+
+class ThreadpoolTupleResult(StreamView[_T_co]):
+    """A view of a stream typed as returning plain tuples: ``AsyncTupleResult``'s twin.
+
+    From :meth:`ThreadpoolResult.tuples` or :attr:`ThreadpoolResult.t`. Its rows are the
+    stream's ``Row`` objects (a ``Row`` is a tuple), read from the stream's one position.
+    """
+
+    __slots__ = ()
+
+    async def fetchone(self) -> _T_co | None:
+        """The next tuple or ``None``; served from the rows read ahead when it can be."""
+        return await self._one_at_a_time(self._view.fetchone)
+
+    @overload
+    async def scalar(self: ThreadpoolTupleResult[tuple[_T]]) -> _T | None: ...
+    @overload
+    async def scalar(self) -> Any: ...
+    async def scalar(self) -> Any:
+        """The first column of the next row, or ``None``; closes the result."""
+        return await self._run(self._view.scalar)
+
+    @overload
+    async def scalar_one(self: ThreadpoolTupleResult[tuple[_T]]) -> _T: ...
+    @overload
+    async def scalar_one(self) -> Any: ...
+    async def scalar_one(self) -> Any:
+        """The first column of the next row, which must be the last; closes the result."""
+        return await self._run(self._view.scalar_one)
+
+    @overload
+    async def scalar_one_or_none(self: ThreadpoolTupleResult[tuple[_T]]) -> _T | None: ...
+    @overload
+    async def scalar_one_or_none(self) -> Any: ...
+    async def scalar_one_or_none(self) -> Any:
+        """The first column of the next row or ``None``, raising if more remain; closes."""
+        return await self._run(self._view.scalar_one_or_none)
+
+
+#: Earlier name of :class:`ThreadpoolResult` (an alias: the same class).
+ThreadpoolStreamResult = ThreadpoolResult
+#: Earlier name of :class:`ThreadpoolScalarResult` (an alias: the same class).
+ThreadpoolStreamScalarResult = ThreadpoolScalarResult
+#: Earlier name of :class:`ThreadpoolMappingResult` (an alias: the same class).
+ThreadpoolStreamMappingResult = ThreadpoolMappingResult

@@ -21,6 +21,7 @@ from sqlalchemy_threadpool import (
     ThreadpoolStreamMappingResult,
     ThreadpoolStreamResult,
     ThreadpoolStreamScalarResult,
+    ThreadpoolTupleResult,
 )
 
 
@@ -49,7 +50,7 @@ async def stream_scalars(sess: ThreadpoolSession) -> None:
 
 async def stream_rows(sess: ThreadpoolSession) -> None:
     result = await sess.stream(select(User.id, User.name))
-    assert_type(result.tuples(), ThreadpoolStreamResult[tuple[int, str]])
+    assert_type(result.tuples(), ThreadpoolTupleResult[tuple[int, str]])
     async for id_, name in result.tuples():
         assert_type(id_, int)
         assert_type(name, str)
@@ -67,7 +68,7 @@ async def stream_rows(sess: ThreadpoolSession) -> None:
     one_column = await sess.stream(select(User.id))
     assert_type(one_column.scalars(), ThreadpoolStreamScalarResult[int])
     assert_type(await one_column.scalar_one(), int)
-    assert_type(one_column.tuples(), ThreadpoolStreamResult[tuple[int]])
+    assert_type(one_column.tuples(), ThreadpoolTupleResult[tuple[int]])
     assert_type(one_column.scalars(1), ThreadpoolStreamScalarResult[Any])
 
     entities = await sess.stream(select(User))
