@@ -73,7 +73,12 @@ nitpick_ignore_regex = [
     ("py:class", r"OrmExecuteOptionsParameter|TypedReturnsRows|RMKeyView|ScopedRegistry"),
     ("py:class", r"sqlalchemy\.engine\.row\.Row"),  # not in SQLAlchemy's inventory
     ("py:class", r"Offloader"),  # ThreadpoolSession.__init__: sessions come from a maker
-    ("py:class", r"sqlmodel\..*"),  # SQLModel's docs (MkDocs) publish no Sphinx inventory
+    ("py:class", r"sqlmodel\..*|SQLModelSession"),  # SQLModel's docs publish no inventory
+    # SQLModel's exec() overloads name SQLAlchemy classes by modules its inventory lacks.
+    (
+        "py:class",
+        r"sqlalchemy\.(sql\.dml\.UpdateBase|engine\.(result\.TupleResult|cursor\.CursorResult))",
+    ),
     # Engine facade signatures: SQLAlchemy typing names not in its inventory, and the maker's
     # annotations left as strings (its bind names ThreadpoolEngine for type checkers only).
     ("py:class", r"Dialect|IsolationLevel|CoreExecuteOptionsParameter|URL|Pool"),

@@ -53,7 +53,8 @@ class ThreadpoolSQLModelSession(ThreadpoolSession):
     sync_session_class: type[Session] = SQLModelSession
 
     sync_session: SQLModelSession
-    """The ``sqlmodel.Session`` behind the facade; use it inside :meth:`run`."""
+    """The ``sqlmodel.Session`` behind the facade; use it inside
+    :meth:`~sqlalchemy_threadpool.ThreadpoolSession.run`."""
 
     if TYPE_CHECKING:
         # A ParamSpec cannot carry overloads: the types are those of the installed SQLModel's
