@@ -2,7 +2,7 @@
 
 :class:`WorkerCall` wraps the callable that :class:`~._offload.Offloader` hands to a thread
 with the start/abandon handshake (a call the event loop gave up on before a thread picked it up
-never runs), and records what the SQLAlchemy events of :func:`install_offload_events` see from
+never runs), and records what the SQLAlchemy events (installed by :mod:`._events`) see from
 inside it: whether a root ``COMMIT`` began and reached the database, and, once the call is
 abandoned, a refusal to start another statement. :func:`discard_session` is the rollback (or
 invalidation) the cleanup runs in a worker; :func:`to_the_end` awaits a cleanup step to its end
@@ -13,21 +13,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import threading
-import weakref
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 import anyio
-from sqlalchemy import event
-from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.engine import Connection
+from sqlalchemy.orm import Session
 
-from ._cancel import track_connections
 from ._exceptions import ThreadpoolSessionError
 
-__all__ = ["WorkerCall", "discard_session", "install_offload_events", "to_the_end"]
+__all__ = [
+    "WorkerCall",
+    "discard_session",
+    "note_commit_began",
+    "note_committed",
+    "refuse_if_abandoned",
+    "to_the_end",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -114,40 +117,11 @@ class WorkerCall:
             return self.started
 
 
-# -- SQLAlchemy events, installed on the makers' sessionmakers --------------------------
-
-_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
-_engines_lock = threading.Lock()
+# -- what SQLAlchemy's events see of the call (listeners installed by ``_events``) -------
 
 
-def _after_fork_in_child() -> None:
-    """A forked child: a new lock (a parent thread may have held it when the process forked)."""
-    global _engines_lock
-    _engines_lock = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):  # not on Windows, which does not fork
-    os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-def install_offload_events(maker: sessionmaker[Any]) -> None:
-    """Let the offload path see the connections and commits of the sessions ``maker`` makes."""
-    event.listen(maker, "after_begin", _after_begin)
-    event.listen(maker, "before_commit", _before_commit)
-    event.listen(maker, "after_commit", _after_commit)
-
-
-def _after_begin(session: Session, transaction: Any, connection: Connection) -> None:
-    track_connections(session, transaction, connection)
-    engine = connection.engine
-    if engine not in _engines:
-        with _engines_lock:
-            if engine not in _engines:
-                event.listen(engine, "before_cursor_execute", _refuse_if_abandoned)
-                _engines.add(engine)
-
-
-def _refuse_if_abandoned(conn: Connection, *args: Any) -> None:
+def refuse_if_abandoned(conn: Connection, *args: Any) -> None:
+    """Engine ``before_cursor_execute``: an abandoned call may not start another statement."""
     call: WorkerCall | None = getattr(_local, "call", None)
     if call is not None and call.abandoned:
         raise _CallAbandoned(
@@ -157,13 +131,15 @@ def _refuse_if_abandoned(conn: Connection, *args: Any) -> None:
         )
 
 
-def _before_commit(session: Session) -> None:
+def note_commit_began(session: Session) -> None:
+    """Session ``before_commit``: a root commit began in the call."""
     call: WorkerCall | None = getattr(_local, "call", None)
     if call is not None and not session.in_nested_transaction():
         call.committing = True
 
 
-def _after_commit(session: Session) -> None:
+def note_committed(session: Session) -> None:
+    """Session ``after_commit``: the database committed it."""
     call: WorkerCall | None = getattr(_local, "call", None)
     if call is not None and call.committing:
         call.committed = True
