@@ -4,20 +4,16 @@
 with the start/abandon handshake (a call the event loop gave up on before a thread picked it up
 never runs), and records what the SQLAlchemy events (installed by :mod:`._events`) see from
 inside it: whether a root ``COMMIT`` began and reached the database, and, once the call is
-abandoned, a refusal to start another statement. :func:`discard_session` is the rollback (or
-invalidation) the cleanup runs in a worker; :func:`to_the_end` awaits a cleanup step to its end
-whatever cancels the caller meanwhile.
+abandoned, a refusal to start another statement. What happens to an interrupted call is
+:mod:`._recovery`'s.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import threading
-from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from collections.abc import Callable
+from typing import Any
 
-import anyio
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
@@ -25,16 +21,10 @@ from ._exceptions import ThreadpoolSessionError
 
 __all__ = [
     "WorkerCall",
-    "discard_session",
     "note_commit_began",
     "note_committed",
     "refuse_if_abandoned",
-    "to_the_end",
 ]
-
-logger = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 #: The call each worker thread is running (set by ``WorkerCall.run``), read by the SQLAlchemy
 #: event listeners below, which fire in that same thread.
@@ -143,64 +133,3 @@ def note_committed(session: Session) -> None:
     call: WorkerCall | None = getattr(_local, "call", None)
     if call is not None and call.committing:
         call.committed = True
-
-
-def discard_session(session: Session, invalidate: bool) -> None:
-    """Roll back and close (in a worker); invalidate the connection instead if that fails."""
-    if not invalidate:
-        try:
-            session.rollback()
-            session.close()
-            return
-        except Exception:
-            logger.warning(
-                "rolling back failed; invalidating the session's connection instead of "
-                "returning it to the pool",
-                exc_info=True,
-            )
-    try:
-        session.invalidate()
-    except Exception:
-        logger.warning("invalidating the session's connection failed", exc_info=True)
-
-
-async def to_the_end(step: Coroutine[Any, Any, T]) -> T:
-    """Await a cleanup ``step`` to its end, whatever cancels the calling task meanwhile.
-
-    ``anyio.CancelScope(shield=True)`` stops cancel scopes, but not asyncio's own
-    ``Task.cancel()`` (which servers, ``asyncio.timeout()`` and ``wait_for()`` use): a second
-    one arriving during the cleanup of the first would end the wait while the worker is still
-    inside the session. So while the calling asyncio task is being cancelled the step runs in
-    a task of its own; a further native cancellation of the caller only makes it wait again,
-    and is re-raised once the step is done. (Otherwise the step is awaited directly, saving a
-    task per scope on the common path: a first cancellation of one of its calls is handled
-    by ``_dispatch``, which comes back here.) Trio has no cancellation but cancel scopes, so
-    the shield is enough there.
-    """
-    with anyio.CancelScope(shield=True):
-        if not _being_cancelled():
-            return await step
-        task = asyncio.ensure_future(step)
-        cancelled: asyncio.CancelledError | None = None
-        while True:
-            try:
-                await asyncio.shield(task)
-                break
-            except asyncio.CancelledError as exc:
-                if task.cancelled():
-                    raise
-                cancelled = exc  # the caller's, not the step's: wait for the step again
-            except BaseException:
-                break  # the step's own error: re-raised below, unless a cancellation is
-    if cancelled is not None:  # a cleanup error never replaces a cancellation
-        raise cancelled from task.exception()
-    return task.result()
-
-
-def _being_cancelled() -> bool:
-    """Whether the current asyncio task has a cancellation in progress (Python 3.10 cannot
-    tell: always ``True`` there); ``False`` outside asyncio."""
-    if asyncio._get_running_loop() is None:
-        return False
-    cancelling = getattr(asyncio.current_task(), "cancelling", None)
-    return cancelling is None or cancelling() > 0
