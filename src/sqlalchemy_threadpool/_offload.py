@@ -6,8 +6,8 @@ module starts session work in a thread. The thread is, by default (``offload="wo
 lent to the session by a :class:`~._worker.WorkerPool` for as long as it is admitted; with
 ``offload="anyio"`` each call takes one of :func:`anyio.to_thread.run_sync`'s. One
 ``Offloader`` belongs to one session (the call handed to a thread, its handshake and the
-SQLAlchemy events it records are :mod:`._calls`; the limiter-token bookkeeping is
-:mod:`._admission`) and enforces, in this order:
+SQLAlchemy events it records are :mod:`._calls`; taking and giving back the token is
+:mod:`._admission`'s) and enforces, in this order:
 
 1. **Scope and ownership**: a session whose scope has ended raises
    :class:`SessionClosedError` at once; a ``strict`` session used from a task other than its
@@ -18,7 +18,8 @@ SQLAlchemy events it records are :mod:`._calls`; the limiter-token bookkeeping i
    A session takes one token before its first call and gives it back once it no longer holds
    a transaction (after commit, rollback or close). Only admitted sessions run threads and
    hold connections, so a session holding a connection never waits for a thread, threads
-   never wait in pool checkout, and waiting for capacity is a plain cancellable await.
+   never wait in pool checkout, and waiting for capacity is a plain cancellable await
+   (:func:`~._admission.admit`).
 4. **Dispatch**: the call is handed to the thread as a :class:`~._calls.WorkerCall`, and the
    awaiting task stops waiting as soon as it is cancelled (:meth:`~._worker.Worker.call`, or
    ``abandon_on_cancel=True`` on anyio's threads). A call interrupted that way (or given up on
@@ -32,7 +33,6 @@ SQLAlchemy events it records are :mod:`._calls`; the limiter-token bookkeeping i
 from __future__ import annotations
 
 import math
-import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -40,11 +40,10 @@ import anyio
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 
-from ._admission import Ticket, admitted, loop_scheduler, release_lost, would_block
+from ._admission import Ticket, admit, release
 from ._calls import WorkerCall
 from ._cancel import session_connections
 from ._exceptions import (
-    AdmissionTimeoutError,
     SessionClosedError,
     SessionOwnershipError,
     TransactionInterruptedError,
@@ -69,22 +68,22 @@ class Offloader:
 
     __slots__ = (
         "__weakref__",
-        "_admission_timeout",
-        "_admitted",
         "_closed_reason",
-        "_limiter",
         "_lock",
         "_owner",
         "_strict",
         "_threads",
-        "_ticket",
         "_worker",
         "_workers",
+        "admission_timeout",
         "canceller",
         "cleanup_timeout",
         "current",
         "failure",
+        "is_admitted",
+        "limiter",
         "session",
+        "ticket",
     )
 
     def __init__(
@@ -99,8 +98,8 @@ class Offloader:
         workers: WorkerPool | None = None,
     ) -> None:
         self.session: Session = session
-        self._limiter = limiter
-        self._admission_timeout = admission_timeout
+        self.limiter = limiter
+        self.admission_timeout = admission_timeout
         self.canceller = canceller
         self.cleanup_timeout = cleanup_timeout
         self._strict = strict
@@ -114,8 +113,8 @@ class Offloader:
         self._workers = workers
         #: The thread lent to this session while it is admitted (``workers`` only).
         self._worker: Worker | None = None
-        self._admitted = False
-        self._ticket: Ticket | None = None
+        self.is_admitted = False
+        self.ticket: Ticket | None = None
         self._closed_reason: str | None = None
         #: Why the unit of work failed (an interruption), until it is rolled back.
         self.failure: str | None = None
@@ -193,8 +192,8 @@ class Offloader:
             if recovers:
                 self.failure = None
             self.check_usable()
-            if not self._admitted:
-                await self._admit()
+            if not self.is_admitted:
+                await admit(self)
             try:
                 return await self._dispatch(fn)  # type: ignore[no-any-return]
             finally:
@@ -238,8 +237,8 @@ class Offloader:
             failed = self.failure is not None
             try:
                 if commit and not failed:
-                    if not self._admitted:
-                        await self._admit()
+                    if not self.is_admitted:
+                        await admit(self)
                     await self._dispatch(self.session.commit)
             finally:
                 await discard(self, invalidate=False)
@@ -247,44 +246,11 @@ class Offloader:
         if commit and failed:
             self.check_usable()
 
-    async def _admit(self) -> None:
-        ticket = self._ticket
-        if ticket is None:
-            ticket = self._ticket = Ticket(self._limiter)
-            ticket.schedule = loop_scheduler()
-            finalizer = weakref.finalize(self, release_lost, ticket)
-            finalizer.atexit = False
-        try:  # capacity free and nobody queued: no trip round the loop, no cancel scope
-            self._limiter.acquire_on_behalf_of_nowait(ticket)
-        except would_block():
-            pass
-        else:
-            self._admitted = ticket.held = True
-            admitted[self] = ticket
-            return
-        deadline = math.inf if self._admission_timeout is None else self._admission_timeout
-        with anyio.move_on_after(deadline) as scope:
-            await self._limiter.acquire_on_behalf_of(ticket)
-            self._admitted = ticket.held = True
-            admitted[self] = ticket
-        if scope.cancelled_caught:
-            raise AdmissionTimeoutError(
-                f"No database connection became free within {self._admission_timeout:g} s: all "
-                f"{self._limiter.total_tokens:g} connections of the pool are held by other "
-                "sessions. Keep scopes short, raise pool_size/max_overflow (the maker's limiter "
-                "follows the pool), or pass a larger admission_timeout to the maker."
-            )
-
     def _release_if_idle(self) -> None:
         if self.session.in_transaction():
             return
-        if self._admitted:
-            self._admitted = False
-            admitted.pop(self, None)
-            ticket = self._ticket
-            assert ticket is not None
-            ticket.held = False
-            self._limiter.release_on_behalf_of(ticket)
+        if self.is_admitted:
+            release(self)
         worker = self._worker
         if worker is not None and self._workers is not None:
             # No call of ours is in it: a started one was waited for, an abandoned one
