@@ -32,9 +32,8 @@ from sqlalchemy.pool import NullPool
 from helpers import assert_clean, slow_statement, user_names, wait_until_running
 from models import User
 from sqlalchemy_threadpool import (
-    _calls,
     _cancel,
-    _guard,
+    _events,
     _worker,
     shutdown,
     threadpool_session,
@@ -275,8 +274,7 @@ def worker_pool_lock(maker: threadpool_sessionmaker) -> Any:
 #: The locks of the library's per-process registries, each as found in the parent.
 REGISTRY_LOCKS: dict[str, Callable[[threadpool_sessionmaker], Any]] = {
     "cancel bookkeeping": lambda maker: _cancel._connections_lock,
-    "offload events": lambda maker: _calls._engines_lock,
-    "guard": lambda maker: _guard._engines_lock,
+    "events registry": lambda maker: _events._lock,
     "worker pools": lambda maker: _worker._pools_lock,
     "the maker's worker pool": worker_pool_lock,
 }

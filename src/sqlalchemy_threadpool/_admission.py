@@ -1,17 +1,19 @@
-"""Admission bookkeeping: the limiter token an admitted session borrows, and who is admitted.
+"""Admission: the limiter token an admitted session borrows, and who is admitted.
 
 A session is *admitted* while it may hold a connection: it has borrowed one of its maker's
 :class:`anyio.CapacityLimiter` tokens (sized to the connection pool) through a :class:`Ticket`.
 The ticket, not the session, is the borrower, so that a session dropped without being closed
 stays collectable; :func:`release_lost`, its finalizer, gives the token back on the event loop.
 :data:`admitted` lists the admitted sessions for ``shutdown()``; a forked child forgets those of
-its parent. The admission itself (waiting, its timeout) is :meth:`~._offload.Offloader.call`'s.
+its parent. :func:`admit` takes a token for a session (waiting at most its admission
+timeout), :func:`release` gives it back.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import sys
 import weakref
@@ -21,14 +23,18 @@ from typing import TYPE_CHECKING
 import anyio
 from sqlalchemy.engine import Engine
 
+from ._exceptions import AdmissionTimeoutError
+
 if TYPE_CHECKING:
     from ._offload import Offloader
 
 __all__ = [
     "Ticket",
+    "admit",
     "admitted",
     "admitted_offloaders",
     "loop_scheduler",
+    "release",
     "release_lost",
     "would_block",
 ]
@@ -100,6 +106,48 @@ def release_lost(ticket: Ticket) -> None:
         "`async with maker() as sess:`, `async with threadpool_session(...)`, or "
         "`await sess.close()`"
     )
+
+
+async def admit(offloader: Offloader) -> None:
+    """Take a token of the session's limiter (sized to the pool): at once when one is free and
+    nobody is queued, else waiting at most its admission timeout."""
+    ticket = offloader.ticket
+    limiter = offloader.limiter
+    if ticket is None:
+        ticket = offloader.ticket = Ticket(limiter)
+        ticket.schedule = loop_scheduler()
+        finalizer = weakref.finalize(offloader, release_lost, ticket)
+        finalizer.atexit = False
+    try:  # capacity free and nobody queued: no trip round the loop, no cancel scope
+        limiter.acquire_on_behalf_of_nowait(ticket)
+    except would_block():
+        pass
+    else:
+        offloader.is_admitted = ticket.held = True
+        admitted[offloader] = ticket
+        return
+    timeout = offloader.admission_timeout
+    with anyio.move_on_after(math.inf if timeout is None else timeout) as scope:
+        await limiter.acquire_on_behalf_of(ticket)
+        offloader.is_admitted = ticket.held = True
+        admitted[offloader] = ticket
+    if scope.cancelled_caught:
+        raise AdmissionTimeoutError(
+            f"No database connection became free within {timeout:g} s: all "
+            f"{limiter.total_tokens:g} connections of the pool are held by other "
+            "sessions. Keep scopes short, raise pool_size/max_overflow (the maker's limiter "
+            "follows the pool), or pass a larger admission_timeout to the maker."
+        )
+
+
+def release(offloader: Offloader) -> None:
+    """Give back the token of an admitted session (it holds no transaction any more)."""
+    offloader.is_admitted = False
+    admitted.pop(offloader, None)
+    ticket = offloader.ticket
+    assert ticket is not None
+    ticket.held = False
+    offloader.limiter.release_on_behalf_of(ticket)
 
 
 # -- a forked child ----------------------------------------------------------------------------

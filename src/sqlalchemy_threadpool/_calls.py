@@ -2,36 +2,29 @@
 
 :class:`WorkerCall` wraps the callable that :class:`~._offload.Offloader` hands to a thread
 with the start/abandon handshake (a call the event loop gave up on before a thread picked it up
-never runs), and records what the SQLAlchemy events of :func:`install_offload_events` see from
+never runs), and records what the SQLAlchemy events (installed by :mod:`._events`) see from
 inside it: whether a root ``COMMIT`` began and reached the database, and, once the call is
-abandoned, a refusal to start another statement. :func:`discard_session` is the rollback (or
-invalidation) the cleanup runs in a worker; :func:`to_the_end` awaits a cleanup step to its end
-whatever cancels the caller meanwhile.
+abandoned, a refusal to start another statement. What happens to an interrupted call is
+:mod:`._recovery`'s.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import os
 import threading
-import weakref
-from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from collections.abc import Callable
+from typing import Any
 
-import anyio
-from sqlalchemy import event
-from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.engine import Connection
+from sqlalchemy.orm import Session
 
-from ._cancel import track_connections
 from ._exceptions import ThreadpoolSessionError
 
-__all__ = ["WorkerCall", "discard_session", "install_offload_events", "to_the_end"]
-
-logger = logging.getLogger(__name__)
-
-T = TypeVar("T")
+__all__ = [
+    "WorkerCall",
+    "note_commit_began",
+    "note_committed",
+    "refuse_if_abandoned",
+]
 
 #: The call each worker thread is running (set by ``WorkerCall.run``), read by the SQLAlchemy
 #: event listeners below, which fire in that same thread.
@@ -114,40 +107,11 @@ class WorkerCall:
             return self.started
 
 
-# -- SQLAlchemy events, installed on the makers' sessionmakers --------------------------
-
-_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
-_engines_lock = threading.Lock()
+# -- what SQLAlchemy's events see of the call (listeners installed by ``_events``) -------
 
 
-def _after_fork_in_child() -> None:
-    """A forked child: a new lock (a parent thread may have held it when the process forked)."""
-    global _engines_lock
-    _engines_lock = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):  # not on Windows, which does not fork
-    os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-def install_offload_events(maker: sessionmaker[Any]) -> None:
-    """Let the offload path see the connections and commits of the sessions ``maker`` makes."""
-    event.listen(maker, "after_begin", _after_begin)
-    event.listen(maker, "before_commit", _before_commit)
-    event.listen(maker, "after_commit", _after_commit)
-
-
-def _after_begin(session: Session, transaction: Any, connection: Connection) -> None:
-    track_connections(session, transaction, connection)
-    engine = connection.engine
-    if engine not in _engines:
-        with _engines_lock:
-            if engine not in _engines:
-                event.listen(engine, "before_cursor_execute", _refuse_if_abandoned)
-                _engines.add(engine)
-
-
-def _refuse_if_abandoned(conn: Connection, *args: Any) -> None:
+def refuse_if_abandoned(conn: Connection, *args: Any) -> None:
+    """Engine ``before_cursor_execute``: an abandoned call may not start another statement."""
     call: WorkerCall | None = getattr(_local, "call", None)
     if call is not None and call.abandoned:
         raise _CallAbandoned(
@@ -157,74 +121,15 @@ def _refuse_if_abandoned(conn: Connection, *args: Any) -> None:
         )
 
 
-def _before_commit(session: Session) -> None:
+def note_commit_began(session: Session) -> None:
+    """Session ``before_commit``: a root commit began in the call."""
     call: WorkerCall | None = getattr(_local, "call", None)
     if call is not None and not session.in_nested_transaction():
         call.committing = True
 
 
-def _after_commit(session: Session) -> None:
+def note_committed(session: Session) -> None:
+    """Session ``after_commit``: the database committed it."""
     call: WorkerCall | None = getattr(_local, "call", None)
     if call is not None and call.committing:
         call.committed = True
-
-
-def discard_session(session: Session, invalidate: bool) -> None:
-    """Roll back and close (in a worker); invalidate the connection instead if that fails."""
-    if not invalidate:
-        try:
-            session.rollback()
-            session.close()
-            return
-        except Exception:
-            logger.warning(
-                "rolling back failed; invalidating the session's connection instead of "
-                "returning it to the pool",
-                exc_info=True,
-            )
-    try:
-        session.invalidate()
-    except Exception:
-        logger.warning("invalidating the session's connection failed", exc_info=True)
-
-
-async def to_the_end(step: Coroutine[Any, Any, T]) -> T:
-    """Await a cleanup ``step`` to its end, whatever cancels the calling task meanwhile.
-
-    ``anyio.CancelScope(shield=True)`` stops cancel scopes, but not asyncio's own
-    ``Task.cancel()`` (which servers, ``asyncio.timeout()`` and ``wait_for()`` use): a second
-    one arriving during the cleanup of the first would end the wait while the worker is still
-    inside the session. So while the calling asyncio task is being cancelled the step runs in
-    a task of its own; a further native cancellation of the caller only makes it wait again,
-    and is re-raised once the step is done. (Otherwise the step is awaited directly, saving a
-    task per scope on the common path: a first cancellation of one of its calls is handled
-    by ``_dispatch``, which comes back here.) Trio has no cancellation but cancel scopes, so
-    the shield is enough there.
-    """
-    with anyio.CancelScope(shield=True):
-        if not _being_cancelled():
-            return await step
-        task = asyncio.ensure_future(step)
-        cancelled: asyncio.CancelledError | None = None
-        while True:
-            try:
-                await asyncio.shield(task)
-                break
-            except asyncio.CancelledError as exc:
-                if task.cancelled():
-                    raise
-                cancelled = exc  # the caller's, not the step's: wait for the step again
-            except BaseException:
-                break  # the step's own error: re-raised below, unless a cancellation is
-    if cancelled is not None:  # a cleanup error never replaces a cancellation
-        raise cancelled from task.exception()
-    return task.result()
-
-
-def _being_cancelled() -> bool:
-    """Whether the current asyncio task has a cancellation in progress (Python 3.10 cannot
-    tell: always ``True`` there); ``False`` outside asyncio."""
-    if asyncio._get_running_loop() is None:
-        return False
-    cancelling = getattr(asyncio.current_task(), "cancelling", None)
-    return cancelling is None or cancelling() > 0

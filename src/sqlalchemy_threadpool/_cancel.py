@@ -46,13 +46,14 @@ import threading
 import weakref
 from typing import Any, Protocol
 
-from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 
 __all__ = [
     "StatementCanceller",
     "canceller_for",
+    "close_side_connection",
+    "count_checkin",
     "sever",
     "session_connections",
     "track_connections",
@@ -81,8 +82,6 @@ _CHECKINS = "sqlalchemy_threadpool.checkins"
 #: ``info`` when the DBAPI connection is replaced, so the id never outlives its connection.
 _THREAD_ID = "sqlalchemy_threadpool.thread_id"
 
-_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
-
 
 def track_connections(session: Session, transaction: Any, connection: Connection) -> None:
     """``after_begin`` listener: remember which connections a session is using."""
@@ -94,14 +93,11 @@ def track_connections(session: Session, transaction: Any, connection: Connection
             info[_THREAD_ID] = int(thread_id())
     with _connections_lock:
         info.setdefault(_CANCEL_LOCK, threading.Lock())
-        if engine not in _engines:
-            event.listen(engine, "checkin", _on_checkin)
-            _engines.add(engine)
         tracked = _connections.setdefault(session, weakref.WeakKeyDictionary())
         tracked[connection] = (info, info.get(_CHECKINS, 0))
 
 
-def _on_checkin(dbapi_connection: Any, record: Any) -> None:
+def count_checkin(dbapi_connection: Any, record: Any) -> None:
     """Pool ``checkin`` listener: count check-ins, after any cancel in progress is done.
 
     A connection is back in the pool, where another session may take it, only after this
@@ -172,7 +168,7 @@ class _MySQLCanceller:
     """
 
     def __init__(self, engine: Engine) -> None:
-        self._engine = weakref.ref(engine)  # the engine's own listener keeps this alive
+        self._engine = weakref.ref(engine)  # ``_mysql_cancellers`` keeps this alive with it
         self._lock = threading.Lock()
         self._side: Any = None  # the side connection, or None until the next cancel
         self._pid = 0  # the process that opened it
@@ -223,8 +219,8 @@ class _MySQLCanceller:
             self._discard()
             raise
 
-    def close(self, engine: Engine | None = None) -> None:
-        """Close the side connection (``engine_disposed`` listener); a later cancel reopens it."""
+    def close(self) -> None:
+        """Close the side connection (the engine was disposed); a later cancel reopens it."""
         with self._lock:
             self._discard()
 
@@ -257,12 +253,21 @@ _inherited: list[Any] = []
 
 def _mysql_canceller(engine: Engine) -> _MySQLCanceller:
     """The engine's canceller, shared by all of its makers (one side connection per engine)."""
+    from ._events import watch_side_connection  # here: ``_events`` imports this module
+
     with _connections_lock:
         canceller = _mysql_cancellers.get(engine)
         if canceller is None:
             canceller = _mysql_cancellers[engine] = _MySQLCanceller(engine)
-            event.listen(engine, "engine_disposed", canceller.close)
-        return canceller
+    watch_side_connection(engine)  # closed when the engine is disposed
+    return canceller
+
+
+def close_side_connection(engine: Engine) -> None:
+    """``engine_disposed`` listener: close the engine's ``KILL QUERY`` side connection, if any."""
+    canceller = _mysql_cancellers.get(engine)
+    if canceller is not None:
+        canceller.close()
 
 
 def _after_fork_in_child() -> None:

@@ -7,8 +7,8 @@ the loop's context, and they must never trip the guard. Any thread that is runni
 loop counts, not only the one our tasks run on: a second loop in another thread (a thread
 that calls ``asyncio.run()`` or ``trio.run()``) is blocked just the same. A thread that merely
 *has* a loop object, or ran one earlier, or inherited a sniffio marker, does not count, so
-sync code in plain threads never sees a false positive. Built on SQLAlchemy events only, in
-two lines:
+sync code in plain threads never sees a false positive. Built on SQLAlchemy events only
+(this module holds the listeners, :mod:`._events` installs them), in two lines:
 
 1. Session events on the sessions a maker makes, which fire before any SQL is sent and, except
    for ``after_begin``, before a connection is checked out: ``do_orm_execute`` (lazy
@@ -26,8 +26,8 @@ connection; the facade runs them in a worker anyway.
 Modes: ``"raise"`` raises :class:`LazyLoadOnEventLoopError` / :class:`BlockingOnEventLoopError`
 before the statement is sent; ``"warn"`` emits one :class:`BlockingOnEventLoopWarning` per
 occurrence (a flush or a commit is one occurrence, however many statements it sends) and lets
-the IO proceed; ``"off"`` installs nothing. :class:`allow_blocking` lets the current context
-block on purpose.
+the IO proceed; with ``"off"`` none of these listeners is installed. :class:`allow_blocking`
+lets the current context block on purpose.
 
 In worker threads (the hot path) each hook costs one thread check; bookkeeping is once per
 transaction.
@@ -36,9 +36,7 @@ transaction.
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
-import threading
 import warnings
 import weakref
 from collections.abc import Callable
@@ -46,15 +44,13 @@ from contextvars import ContextVar
 from types import TracebackType
 from typing import Any, Literal
 
-from sqlalchemy import event
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import (
     ColumnProperty,
     ORMExecuteState,
     RelationshipProperty,
     Session,
     SessionTransaction,
-    sessionmaker,
 )
 
 from ._exceptions import (
@@ -63,7 +59,14 @@ from ._exceptions import (
     LazyLoadOnEventLoopError,
 )
 
-__all__ = ["GuardMode", "allow_blocking", "install_guard", "on_event_loop_thread"]
+__all__ = [
+    "GuardMode",
+    "allow_blocking",
+    "before_cursor_execute",
+    "commit",
+    "on_event_loop_thread",
+    "session_listeners",
+]
 
 GuardMode = Literal["raise", "warn", "off"]
 
@@ -151,19 +154,6 @@ class _SessionGuard:
 _sessions: weakref.WeakKeyDictionary[Session, _SessionGuard] = weakref.WeakKeyDictionary()
 #: Connections held by our sessions right now, and whose they are.
 _owned: weakref.WeakKeyDictionary[Connection, _SessionGuard] = weakref.WeakKeyDictionary()
-#: Engines that carry our connection-level listeners.
-_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
-_engines_lock = threading.Lock()
-
-
-def _after_fork_in_child() -> None:
-    """A forked child: a new lock (a parent thread may have held it when the process forked)."""
-    global _engines_lock
-    _engines_lock = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):  # not on Windows, which does not fork
-    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _guard_of(session: Session, mode: GuardMode) -> _SessionGuard:
@@ -173,24 +163,10 @@ def _guard_of(session: Session, mode: GuardMode) -> _SessionGuard:
     return guard
 
 
-def _watch_engine(engine: Engine) -> None:
-    """Add the connection-level listeners to ``engine``, once."""
-    with _engines_lock:
-        if engine in _engines:
-            return
-        event.listen(engine, "before_cursor_execute", _before_cursor_execute)
-        event.listen(engine, "commit", _commit)
-        _engines.add(engine)
-
-
-def install_guard(maker: sessionmaker[Any], mode: GuardMode) -> None:
-    """Install the guard on every session ``maker`` makes."""
-    if mode == "off":
-        return
-    binds = [maker.kw.get("bind"), *(maker.kw.get("binds") or {}).values()]
-    for bind in binds:
-        if isinstance(bind, (Engine, Connection)):
-            _watch_engine(bind.engine)
+def session_listeners(mode: GuardMode) -> list[tuple[str, Callable[..., Any]]]:
+    """The session-level listeners of the guard in ``mode`` ("raise" or "warn"), as
+    ``(event name, listener)``: :func:`~._events.install` puts them on a maker, and puts
+    :func:`before_cursor_execute` and :func:`commit` on the engines its sessions use."""
 
     def do_orm_execute(state: ORMExecuteState) -> Any:
         if not _blocked():
@@ -224,8 +200,6 @@ def install_guard(maker: sessionmaker[Any], mode: GuardMode) -> None:
         if _owned.get(conn) is not guard:
             _owned[conn] = guard
             guard.connections.add(conn)
-            if conn.engine not in _engines:
-                _watch_engine(conn.engine)
         if guard.reporting is None and _blocked():
             _report(mode, _statement_message("Checking out a database connection"))
 
@@ -239,15 +213,20 @@ def install_guard(maker: sessionmaker[Any], mode: GuardMode) -> None:
                         del _owned[conn]
                 guard.connections.clear()
 
-    event.listen(maker, "do_orm_execute", do_orm_execute)
-    event.listen(maker, "before_flush", before_flush)
-    event.listen(maker, "before_commit", before_commit)
-    event.listen(maker, "after_begin", after_begin)
-    event.listen(maker, "after_transaction_end", after_transaction_end)
+    listeners: list[tuple[str, Callable[..., Any]]] = [
+        ("do_orm_execute", do_orm_execute),
+        ("before_flush", before_flush),
+        ("before_commit", before_commit),
+        ("after_begin", after_begin),
+        ("after_transaction_end", after_transaction_end),
+    ]
     if mode == "warn":
-        event.listen(maker, "after_flush_postexec", _end_of("flush"))
-        event.listen(maker, "after_commit", _end_of("commit"))
-        event.listen(maker, "after_soft_rollback", _end_of(None))
+        listeners += [
+            ("after_flush_postexec", _end_of("flush")),
+            ("after_commit", _end_of("commit")),
+            ("after_soft_rollback", _end_of(None)),
+        ]
+    return listeners
 
 
 def _end_of(operation: str | None) -> Any:
@@ -261,14 +240,16 @@ def _end_of(operation: str | None) -> Any:
     return end
 
 
-def _before_cursor_execute(
+def before_cursor_execute(
     conn: Connection, cursor: Any, statement: str, *args: Any, **kwargs: Any
 ) -> None:
+    """Engine listener: SQL sent on the loop through a connection one of our sessions holds."""
     if _blocked():
         _check_connection(conn, f"The statement {_short(statement)!r}")
 
 
-def _commit(conn: Connection) -> None:
+def commit(conn: Connection) -> None:
+    """Engine listener: a ``COMMIT`` on the loop of a connection one of our sessions holds."""
     if _blocked():
         _check_connection(conn, "COMMIT")
 

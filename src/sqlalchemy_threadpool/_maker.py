@@ -3,7 +3,8 @@
 The maker is to :class:`ThreadpoolSession` what :class:`~sqlalchemy.ext.asyncio.async_sessionmaker`
 is to ``AsyncSession``. It owns one :class:`anyio.CapacityLimiter` sized to what the engine's
 pool can really hand out (invariant 6: the thread pool never outgrows the connection pool), and
-installs on the sessions it makes the row pre-buffering and the event-loop guard.
+installs (through :mod:`._events`) on the sessions it makes the row pre-buffering and the
+event-loop guard.
 """
 
 from __future__ import annotations
@@ -16,9 +17,8 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, Literal, NamedTuple
 
 import anyio
-from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.orm import ORMExecuteState, Session, sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import (
     AssertionPool,
     NullPool,
@@ -29,10 +29,11 @@ from sqlalchemy.pool import (
 )
 from typing_extensions import TypeVar
 
-from ._calls import install_offload_events
 from ._cancel import StatementCanceller, canceller_for
+from ._events import install as install_events
+from ._events import watch_binds
 from ._exceptions import ConfigurationError, ConfigurationWarning
-from ._guard import GuardMode, install_guard
+from ._guard import GuardMode
 from ._offload import CLEANUP_TIMEOUT, Offloader
 from ._session import ThreadpoolSession
 from ._transaction import ThreadpoolSessionTransaction
@@ -157,11 +158,7 @@ class threadpool_sessionmaker(Generic[_TS]):
         settings = self._settle(session_kw, options)
         self.sync_maker: sessionmaker[Session] = sessionmaker(class_=self.sync_class, **session_kw)
         self._adopt(settings)
-        event.listen(self.sync_maker, "do_orm_execute", _prebuffer_rows)
-        install_offload_events(self.sync_maker)
-        # The guard and the offload events watch each engine as a session begins on it
-        # (``after_begin``), so a bind set later by ``configure()`` needs nothing more here.
-        install_guard(self.sync_maker, guard)
+        install_events(self.sync_maker, guard)
 
     def __call__(self, **local_kw: Any) -> _TS:
         """A new session; ``local_kw`` overrides the maker's sessionmaker arguments."""
@@ -222,6 +219,7 @@ class threadpool_sessionmaker(Generic[_TS]):
         options = {name: new_kw.pop(name) for name in _OPTIONS if name in new_kw}
         settings = self._settle({**self.sync_maker.kw, **new_kw}, {**self._options, **options})
         self.sync_maker.configure(**new_kw)
+        watch_binds(self.sync_maker, self.guard)
         self._adopt(settings)
 
     def _settle(self, session_kw: dict[str, Any], options: dict[str, Any]) -> _Settings:
@@ -351,13 +349,6 @@ def _after_fork_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):  # not on Windows, which does not fork
     os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-def _prebuffer_rows(state: ORMExecuteState) -> None:
-    """ORM results are fully loaded in the worker, as AsyncSession does, unless streaming."""
-    options = state.execution_options
-    if not options.get("stream_results") and not options.get("yield_per"):
-        state.update_execution_options(prebuffer_rows=True)
 
 
 def engine_of(bind: Engine | Connection | None) -> Engine | None:

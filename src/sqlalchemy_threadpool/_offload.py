@@ -1,4 +1,4 @@
-"""The single path from the event loop to worker threads, and what happens when it is cut.
+"""The single path from the event loop to worker threads.
 
 Every IO call of a :class:`~sqlalchemy_threadpool.ThreadpoolSession` goes through
 :meth:`Offloader.call` (the end of a unit of work through :meth:`Offloader.finish`); no other
@@ -6,8 +6,8 @@ module starts session work in a thread. The thread is, by default (``offload="wo
 lent to the session by a :class:`~._worker.WorkerPool` for as long as it is admitted; with
 ``offload="anyio"`` each call takes one of :func:`anyio.to_thread.run_sync`'s. One
 ``Offloader`` belongs to one session (the call handed to a thread, its handshake and the
-SQLAlchemy events it records are :mod:`._calls`; the limiter-token bookkeeping is
-:mod:`._admission`) and enforces, in this order:
+SQLAlchemy events it records are :mod:`._calls`; taking and giving back the token is
+:mod:`._admission`'s) and enforces, in this order:
 
 1. **Scope and ownership**: a session whose scope has ended raises
    :class:`SessionClosedError` at once; a ``strict`` session used from a task other than its
@@ -18,25 +18,21 @@ SQLAlchemy events it records are :mod:`._calls`; the limiter-token bookkeeping i
    A session takes one token before its first call and gives it back once it no longer holds
    a transaction (after commit, rollback or close). Only admitted sessions run threads and
    hold connections, so a session holding a connection never waits for a thread, threads
-   never wait in pool checkout, and waiting for capacity is a plain cancellable await.
-4. **Interruption**: the awaiting task stops waiting for the thread as soon as it is cancelled
-   (:meth:`~._worker.Worker.call`, or ``abandon_on_cancel=True`` on anyio's threads); a
-   callable that had not started yet never runs. One that had started is *stopped*: the
-   database is asked to cancel the statement in flight (``_cancel``), again until the worker
-   leaves, and the abandoned callable may not start another statement; if it is still inside
-   after the cleanup deadline its connection's socket is shut down. Then the
-   unit of work is *failed*, whatever the worker returned: it is rolled back and closed in a
-   worker within the cleanup deadline (the connection invalidated instead if that fails, or
-   if a ``BaseException`` escaped the worker), and every later call but ``rollback()`` /
-   ``close()`` raises :class:`TransactionInterruptedError`. All of this is shielded, and the
-   original cancellation (or ``TimeoutError``) is what propagates.
+   never wait in pool checkout, and waiting for capacity is a plain cancellable await
+   (:func:`~._admission.admit`).
+4. **Dispatch**: the call is handed to the thread as a :class:`~._calls.WorkerCall`, and the
+   awaiting task stops waiting as soon as it is cancelled (:meth:`~._worker.Worker.call`, or
+   ``abandon_on_cancel=True`` on anyio's threads). A call interrupted that way (or given up on
+   by ``shutdown()``) goes to :mod:`._recovery`: a callable that had not started never runs,
+   one that had is stopped, and the unit of work fails (rolled back, the session discarded;
+   every later call but ``rollback()`` / ``close()`` raises
+   :class:`TransactionInterruptedError`); the original cancellation is what propagates.
+5. **Release**: once the session holds no transaction its token and its thread go back.
 """
 
 from __future__ import annotations
 
-import logging
 import math
-import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -44,15 +40,15 @@ import anyio
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 
-from ._admission import Ticket, admitted, loop_scheduler, release_lost, would_block
-from ._calls import WorkerCall, discard_session, to_the_end
-from ._cancel import cancel_statements, session_connections, sever
+from ._admission import Ticket, admit, release
+from ._calls import WorkerCall
+from ._cancel import session_connections
 from ._exceptions import (
-    AdmissionTimeoutError,
     SessionClosedError,
     SessionOwnershipError,
     TransactionInterruptedError,
 )
+from ._recovery import SHUTDOWN, discard, fail, recover, stop_for_shutdown, to_the_end
 
 if TYPE_CHECKING:
     from ._cancel import StatementCanceller
@@ -60,18 +56,11 @@ if TYPE_CHECKING:
 
 __all__ = ["CLEANUP_TIMEOUT", "Offloader"]
 
-logger = logging.getLogger(__name__)
-
 T = TypeVar("T")
 
 #: Seconds a cleanup (stopping the statement, then rolling back) may take before the
 #: connection is cut: the maker's ``cleanup_timeout`` default.
 CLEANUP_TIMEOUT = 5.0
-
-_SHUTDOWN = "shutdown() stopped its call in flight"
-
-#: First pause between two cancel requests while an interrupted worker is still inside.
-_FIRST_RECANCEL_PAUSE = 0.05
 
 
 class Offloader:
@@ -79,22 +68,22 @@ class Offloader:
 
     __slots__ = (
         "__weakref__",
-        "_admission_timeout",
-        "_admitted",
-        "_canceller",
-        "_cleanup_timeout",
         "_closed_reason",
-        "_current",
-        "_failure",
-        "_limiter",
         "_lock",
         "_owner",
         "_strict",
         "_threads",
-        "_ticket",
         "_worker",
         "_workers",
+        "admission_timeout",
+        "canceller",
+        "cleanup_timeout",
+        "current",
+        "failure",
+        "is_admitted",
+        "limiter",
         "session",
+        "ticket",
     )
 
     def __init__(
@@ -109,10 +98,10 @@ class Offloader:
         workers: WorkerPool | None = None,
     ) -> None:
         self.session: Session = session
-        self._limiter = limiter
-        self._admission_timeout = admission_timeout
-        self._canceller = canceller
-        self._cleanup_timeout = cleanup_timeout
+        self.limiter = limiter
+        self.admission_timeout = admission_timeout
+        self.canceller = canceller
+        self.cleanup_timeout = cleanup_timeout
         self._strict = strict
         self._owner: tuple[int, str] | None = _current_task() if strict else None
         # ``None`` when made outside a task: the first task that uses it becomes the owner.
@@ -124,11 +113,13 @@ class Offloader:
         self._workers = workers
         #: The thread lent to this session while it is admitted (``workers`` only).
         self._worker: Worker | None = None
-        self._admitted = False
-        self._ticket: Ticket | None = None
+        self.is_admitted = False
+        self.ticket: Ticket | None = None
         self._closed_reason: str | None = None
-        self._failure: str | None = None
-        self._current: WorkerCall | None = None
+        #: Why the unit of work failed (an interruption), until it is rolled back.
+        self.failure: str | None = None
+        #: The call in a worker thread now, for ``shutdown()``.
+        self.current: WorkerCall | None = None
 
     # -- scope, ownership, failure -----------------------------------------------------
 
@@ -139,7 +130,7 @@ class Offloader:
     @property
     def interrupted(self) -> bool:
         """Whether the unit of work failed by an interruption and was not rolled back since."""
-        return self._failure is not None
+        return self.failure is not None
 
     def end_scope(self, reason: str) -> None:
         """Refuse every later call: the session's scope has ended."""
@@ -155,9 +146,9 @@ class Offloader:
 
     def check_usable(self) -> None:
         """Raise :class:`TransactionInterruptedError` if the unit of work has failed."""
-        if self._failure is not None:
+        if self.failure is not None:
             raise TransactionInterruptedError(
-                f"This session's unit of work failed: {self._failure}. Call "
+                f"This session's unit of work failed: {self.failure}. Call "
                 "`await sess.rollback()` to acknowledge it and start a new transaction (a "
                 "`threadpool_session()` block that ends normally without it raises this error "
                 "instead of committing), or let the cancellation propagate."
@@ -199,10 +190,10 @@ class Offloader:
         async with self._lock:
             self.check_open()
             if recovers:
-                self._failure = None
+                self.failure = None
             self.check_usable()
-            if not self._admitted:
-                await self._admit()
+            if not self.is_admitted:
+                await admit(self)
             try:
                 return await self._dispatch(fn)  # type: ignore[no-any-return]
             finally:
@@ -229,70 +220,37 @@ class Offloader:
 
     async def _close(self) -> None:
         async with self._lock:
-            self._failure = None
+            self.failure = None
             try:
                 if self.session.in_transaction():
                     await self._dispatch(self.session.close)
                 else:
                     self.session.close()  # no transaction, so no connection: no IO
             except Exception:
-                await self._cleanup(invalidate=True)
+                await discard(self, invalidate=True)
                 raise
             finally:
                 self._release_if_idle()
 
     async def _finish(self, *, commit: bool) -> None:
         async with self._lock:
-            failed = self._failure is not None
+            failed = self.failure is not None
             try:
                 if commit and not failed:
-                    if not self._admitted:
-                        await self._admit()
+                    if not self.is_admitted:
+                        await admit(self)
                     await self._dispatch(self.session.commit)
             finally:
-                await self._cleanup(invalidate=False)
+                await discard(self, invalidate=False)
                 self._release_if_idle()
         if commit and failed:
             self.check_usable()
 
-    async def _admit(self) -> None:
-        ticket = self._ticket
-        if ticket is None:
-            ticket = self._ticket = Ticket(self._limiter)
-            ticket.schedule = loop_scheduler()
-            finalizer = weakref.finalize(self, release_lost, ticket)
-            finalizer.atexit = False
-        try:  # capacity free and nobody queued: no trip round the loop, no cancel scope
-            self._limiter.acquire_on_behalf_of_nowait(ticket)
-        except would_block():
-            pass
-        else:
-            self._admitted = ticket.held = True
-            admitted[self] = ticket
-            return
-        deadline = math.inf if self._admission_timeout is None else self._admission_timeout
-        with anyio.move_on_after(deadline) as scope:
-            await self._limiter.acquire_on_behalf_of(ticket)
-            self._admitted = ticket.held = True
-            admitted[self] = ticket
-        if scope.cancelled_caught:
-            raise AdmissionTimeoutError(
-                f"No database connection became free within {self._admission_timeout:g} s: all "
-                f"{self._limiter.total_tokens:g} connections of the pool are held by other "
-                "sessions. Keep scopes short, raise pool_size/max_overflow (the maker's limiter "
-                "follows the pool), or pass a larger admission_timeout to the maker."
-            )
-
     def _release_if_idle(self) -> None:
         if self.session.in_transaction():
             return
-        if self._admitted:
-            self._admitted = False
-            admitted.pop(self, None)
-            ticket = self._ticket
-            assert ticket is not None
-            ticket.held = False
-            self._limiter.release_on_behalf_of(ticket)
+        if self.is_admitted:
+            release(self)
         worker = self._worker
         if worker is not None and self._workers is not None:
             # No call of ours is in it: a started one was waited for, an abandoned one
@@ -300,7 +258,7 @@ class Offloader:
             self._worker = None
             self._workers.release(worker)
 
-    def _anyio_threads(self) -> anyio.CapacityLimiter:
+    def anyio_threads(self) -> anyio.CapacityLimiter:
         """The limiter of this session's anyio threads, made on first use.
 
         Used by ``offload="anyio"`` calls and the helpers of the slow paths; a session on its
@@ -312,142 +270,37 @@ class Offloader:
             threads = self._threads = anyio.CapacityLimiter(math.inf)
         return threads
 
-    async def _run(self, work: WorkerCall) -> Any:
+    async def run_in_thread(self, work: WorkerCall) -> Any:
         """Hand ``work`` to a worker thread and await it; cancellable at once."""
         if self._workers is None:
             return await anyio.to_thread.run_sync(
-                work.run, abandon_on_cancel=True, limiter=self._anyio_threads()
+                work.run, abandon_on_cancel=True, limiter=self.anyio_threads()
             )
         worker = self._worker
         if worker is None:  # kept until the session is released (``_release_if_idle``)
             worker = self._worker = self._workers.acquire(self)
         return await worker.call(work.run)
 
-    async def _wait(self, work: WorkerCall, seconds: float | None) -> bool:
-        """Wait (in a helper thread) until a started ``work`` has left; ``False`` if it has
-        not within ``seconds``. Abandoned at once if cancelled (by ``shutdown()``'s limit)."""
-        if work.finished.is_set():
-            return True
-        return await anyio.to_thread.run_sync(
-            work.finished.wait, seconds, abandon_on_cancel=True, limiter=self._anyio_threads()
-        )
-
     async def _dispatch(self, fn: Callable[[], Any]) -> Any:
         work = WorkerCall(fn)
-        self._current = work
+        self.current = work
         try:
             try:
-                value = await self._run(work)
+                value = await self.run_in_thread(work)
             except BaseException as exc:
                 own = exc is work.error
                 if own and isinstance(exc, Exception) and not work.aborted:
                     raise  # the database's (or the callable's) own error: unchanged
-                await to_the_end(self._interrupted(work, exc, own))
+                await to_the_end(recover(self, work, exc, own))
                 if own and work.aborted and isinstance(exc, Exception):
                     self.check_usable()  # raises, chained to the driver's "cancelled" error
                 raise
             if work.aborted:
-                await to_the_end(self._fail(work, _SHUTDOWN, invalidate=False))
+                await to_the_end(fail(self, work, SHUTDOWN, invalidate=False))
                 self.check_usable()
             return value
         finally:
-            self._current = None
-
-    async def _interrupted(self, work: WorkerCall, exc: BaseException, own: bool) -> None:
-        """Stop and fail a call that ``exc`` interrupted (``own``: raised by the worker)."""
-        if own and work.aborted:
-            await self._fail(work, _SHUTDOWN, invalidate=False)
-        elif own:  # a BaseException escaped the worker: connection state unknown
-            what = f"{type(exc).__name__} escaped its worker thread"
-            await self._fail(work, what, invalidate=True)
-        elif work.abandon():  # interrupted while the worker was inside
-            await self._stop(work)
-            what = f"a call was interrupted by {type(exc).__name__} while it ran"
-            await self._fail(work, what, invalidate=False)
-
-    async def _stop(self, work: WorkerCall, sever_at: float | None = None) -> None:
-        """Make an interrupted worker leave: cancel its statement until it does; shielded."""
-        if self._canceller is None:  # no mechanism, or cancel_statements=False: wait, but
-            if sever_at is not None:  # shutdown() cuts the connection at its deadline
-                left = await self._wait(work, max(0.0, sever_at - anyio.current_time()))
-                if not left:
-                    sever(self.session)
-            await self._wait(work, None)
-            return
-        if sever_at is None:
-            sever_at = anyio.current_time() + self._cleanup_timeout
-        pause, loud = _FIRST_RECANCEL_PAUSE, True
-        while not work.finished.is_set():
-            await anyio.to_thread.run_sync(
-                cancel_statements,
-                self._canceller,
-                self.session,
-                work.finished,
-                loud,
-                limiter=self._anyio_threads(),
-            )
-            loud = False
-            remaining = sever_at - anyio.current_time()
-            if remaining <= 0:
-                logger.warning(
-                    "the statement did not stop within %g s of being cancelled; shutting down "
-                    "its connection's socket",
-                    self._cleanup_timeout,
-                )
-                sever(self.session)
-                await self._wait(work, None)
-                return
-            await self._wait(work, min(pause, remaining))
-            pause = min(pause * 2, 1.0)
-
-    async def _fail(self, work: WorkerCall, what: str, *, invalidate: bool) -> None:
-        """Mark the unit of work failed, then roll back and close it; shielded."""
-        if work.committing and work.committed:
-            outcome = "its COMMIT had reached the database, so the transaction IS committed"
-            logger.warning(
-                "commit() was interrupted (%s) after the database had committed: the "
-                "transaction IS committed, although the caller sees an interruption",
-                what,
-            )
-        elif work.committing:
-            outcome = "its commit() did not complete and it was rolled back"
-            logger.warning(
-                "commit() was interrupted (%s) while in flight: the database applies a "
-                "transaction entirely or not at all, and as far as the driver reported it "
-                "did not commit this one (if the connection was lost during COMMIT, check "
-                "before retrying)",
-                what,
-            )
-        else:
-            outcome = "its transaction was rolled back, nothing of it is committed"
-        if self._failure is None or work.aborted:
-            self._failure = f"{what}; {outcome}"
-        await self._cleanup(invalidate=invalidate)
-
-    async def _cleanup(self, *, invalidate: bool) -> None:
-        """Roll back and close within the cleanup deadline; invalidate on failure; shielded."""
-        session = self.session
-        if not invalidate and not session.in_transaction():
-            session.close()  # no transaction, so no connection: no IO
-            return
-        work = WorkerCall(lambda: discard_session(session, invalidate))
-        with anyio.move_on_after(self._cleanup_timeout):
-            await self._run(work)
-            return
-        if not work.abandon():  # never started: try again, invalidating, without a deadline
-            await anyio.to_thread.run_sync(
-                discard_session, session, True, limiter=self._anyio_threads()
-            )
-            return
-        if work.finished.is_set():
-            return
-        logger.warning(
-            "rolling back took longer than %g s; shutting down the connection's socket so it "
-            "is invalidated instead",
-            self._cleanup_timeout,
-        )
-        sever(session)
-        await self._wait(work, None)
+            self.current = None
 
     # -- shutdown ------------------------------------------------------------------------
 
@@ -458,16 +311,10 @@ class Offloader:
         not stop); the awaiting task then sees :class:`TransactionInterruptedError`. An idle
         session holding a transaction is rolled back here.
         """
-        if self._failure is None:
-            self._failure = reason
-        work = self._current
-        if work is not None:
-            work.aborted = True
-            if work.abandon():  # started: stop it; else it never will
-                await self._stop(work, sever_at)
+        await stop_for_shutdown(self, reason, sever_at)
         async with self._lock:
             if self.session.in_transaction():
-                await self._cleanup(invalidate=False)
+                await discard(self, invalidate=False)
             self._release_if_idle()
 
 

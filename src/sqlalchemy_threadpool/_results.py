@@ -16,9 +16,9 @@ from typing import Any
 from sqlalchemy.engine import CursorResult, Result
 from sqlalchemy.engine.cursor import FullyBufferedCursorFetchStrategy  # private: see below
 from sqlalchemy.engine.result import FilterResult
-from sqlalchemy.orm import Query
+from sqlalchemy.orm import ORMExecuteState, Query
 
-__all__ = ["check_callable", "make_loop_safe"]
+__all__ = ["check_callable", "make_loop_safe", "prebuffer_rows"]
 
 
 #: Code flags of functions that must not be handed to a worker (async or generator functions).
@@ -117,3 +117,11 @@ def _buffer(result: Result[Any]) -> None:
 
 def _name(fn: object) -> str:
     return getattr(fn, "__qualname__", None) or type(fn).__qualname__
+
+
+def prebuffer_rows(state: ORMExecuteState) -> None:
+    """``do_orm_execute`` listener: ORM results are fully loaded in the worker, as
+    AsyncSession does, unless streaming."""
+    options = state.execution_options
+    if not options.get("stream_results") and not options.get("yield_per"):
+        state.update_execution_options(prebuffer_rows=True)

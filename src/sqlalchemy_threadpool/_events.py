@@ -1,0 +1,124 @@
+"""Every SQLAlchemy listener the library installs, and the one registry of watched engines.
+
+The listeners' bodies live with their concept; this module is the one place that puts them
+on a maker's sync :class:`~sqlalchemy.orm.sessionmaker` and on the engines its sessions use:
+
+================================  ===========================================  ===========
+listener                          what for                                     body in
+================================  ===========================================  ===========
+session ``do_orm_execute``        ORM results fully loaded in the worker       ``_results``
+session ``after_begin``           the session's connections, for cancelling;   ``_cancel``
+                                  watch the connection's engine
+session ``before_commit`` /       whether a call's ``COMMIT`` began / reached  ``_calls``
+``after_commit``                  the database (an interrupted commit's fate)
+engine ``before_cursor_execute``  an abandoned call may not start a statement  ``_calls``
+pool ``checkin``                  count check-ins (a cancel never reaches the  ``_cancel``
+                                  connection's next user)
+engine ``engine_disposed``        close the ``KILL QUERY`` side connection     ``_cancel``
+session and engine events of the  SQL about to run on the event-loop thread    ``_guard``
+guard (unless ``guard="off"``)
+================================  ===========================================  ===========
+
+A session-level listener is installed once per maker (:func:`install`). The engine-level ones
+are installed once per engine, as a group, the first time a maker is bound to the engine or one
+of its sessions begins on it; :data:`_watched` records which groups each engine carries. The
+group :data:`_GUARD` is installed only for makers whose guard is on, and ``engine_disposed``
+only when the engine's ``KILL QUERY`` canceller is made. The listeners stay as long
+as the engine (a disposed engine keeps them: it can be used again).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import weakref
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from . import _guard
+from ._calls import note_commit_began, note_committed, refuse_if_abandoned
+from ._cancel import close_side_connection, count_checkin, track_connections
+from ._guard import GuardMode
+from ._results import prebuffer_rows
+
+__all__ = ["install", "watch_binds", "watch_side_connection"]
+
+#: Engine listener groups: those every engine of our sessions carries, the guard's, and the
+#: one of an engine with a ``KILL QUERY`` side connection (MySQL, MariaDB).
+_OFFLOAD = 1
+_GUARD = 2
+_SIDE_CONNECTION = 4
+
+#: Which groups of our listeners each engine carries (a bit set of the groups above).
+_watched: weakref.WeakKeyDictionary[Engine, int] = weakref.WeakKeyDictionary()
+_lock = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child: a new lock (a parent thread may have held it when the process forked)."""
+    global _lock
+    _lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows, which does not fork
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _watch(engine: Engine, groups: int) -> None:
+    """Add the listener ``groups`` that ``engine`` does not carry yet, once each."""
+    with _lock:
+        missing = groups & ~_watched.get(engine, 0)
+        if not missing:
+            return
+        if missing & _OFFLOAD:
+            event.listen(engine, "before_cursor_execute", refuse_if_abandoned)
+            event.listen(engine, "checkin", count_checkin)
+        if missing & _GUARD:
+            event.listen(engine, "before_cursor_execute", _guard.before_cursor_execute)
+            event.listen(engine, "commit", _guard.commit)
+        if missing & _SIDE_CONNECTION:
+            event.listen(engine, "engine_disposed", close_side_connection)
+        _watched[engine] = _watched.get(engine, 0) | missing
+
+
+def watch_side_connection(engine: Engine) -> None:
+    """Close ``engine``'s ``KILL QUERY`` side connection when it is disposed (called as its
+    canceller is made)."""
+    _watch(engine, _SIDE_CONNECTION)
+
+
+def _groups(guard: GuardMode) -> int:
+    return _OFFLOAD if guard == "off" else _OFFLOAD | _GUARD
+
+
+def watch_binds(maker: sessionmaker[Any], guard: GuardMode) -> None:
+    """Put the engine-level listeners on the engines ``maker`` is bound to (``bind=`` and
+    ``binds=``), ahead of the first session: also called after ``configure()``."""
+    groups = _groups(guard)
+    for bind in [maker.kw.get("bind"), *(maker.kw.get("binds") or {}).values()]:
+        if isinstance(bind, (Engine, Connection)):
+            _watch(bind.engine, groups)
+
+
+def install(maker: sessionmaker[Any], guard: GuardMode) -> None:
+    """Install every listener of the library on the sessions ``maker`` makes and on their
+    engines (those of its binds now; any other as a session begins on it)."""
+    groups = _groups(guard)
+
+    def after_begin(session: Session, transaction: Any, connection: Connection) -> None:
+        track_connections(session, transaction, connection)
+        engine = connection.engine
+        if _watched.get(engine, 0) & groups != groups:  # once per engine: then a dict look-up
+            _watch(engine, groups)
+
+    event.listen(maker, "do_orm_execute", prebuffer_rows)
+    event.listen(maker, "after_begin", after_begin)
+    event.listen(maker, "before_commit", note_commit_began)
+    event.listen(maker, "after_commit", note_committed)
+    watch_binds(maker, guard)
+    if guard != "off":
+        for name, listener in _guard.session_listeners(guard):
+            event.listen(maker, name, listener)
