@@ -879,7 +879,10 @@ class Threadpool(AsyncVariant):
         timeout = params.get("worker_idle_timeout")
         if offload != "worker" or timeout is None or self.maker_kw.get("guard") == "off":
             return None  # guard_off: same threads as "threadpool"; spare the run the wait
-        return float(self.maker_kw.get("worker_idle_timeout", timeout.default))
+        idle = self.maker_kw.get("worker_idle_timeout", timeout.default)
+        if idle is None:  # not given: the default WorkerPool's
+            idle = inspect.signature(self.lib.WorkerPool).parameters["idle_timeout"].default
+        return float(idle)
 
     def session(self) -> contextlib.AbstractAsyncContextManager[Any]:
         return self.maker()

@@ -32,9 +32,9 @@ from sqlalchemy.pool import NullPool
 from helpers import assert_clean, slow_statement, user_names, wait_until_running
 from models import User
 from sqlalchemy_threadpool import (
+    WorkerPool,
     _cancel,
     _events,
-    _worker,
     shutdown,
     threadpool_session,
     threadpool_sessionmaker,
@@ -275,8 +275,7 @@ def worker_pool_lock(maker: threadpool_sessionmaker) -> Any:
 REGISTRY_LOCKS: dict[str, Callable[[threadpool_sessionmaker], Any]] = {
     "cancel bookkeeping": lambda maker: _cancel._connections_lock,
     "events registry": lambda maker: _events._lock,
-    "worker pools": lambda maker: _worker._pools_lock,
-    "the maker's worker pool": worker_pool_lock,
+    "the maker's worker pool (the default one)": worker_pool_lock,
 }
 
 
@@ -325,4 +324,29 @@ def test_a_child_forked_while_a_registry_lock_is_held(
         run_in_child(child, deadline=LONG)  # it does not wait for anything slow
     anyio.run(write_and_read, maker, "parent again", backend="asyncio")
     assert user_names(other_engine) == {"parent", "child", "child, fresh engine", "parent again"}
+    assert_clean(engine, other_engine)
+
+
+def test_a_child_uses_a_worker_pool_the_application_made(
+    engine: Engine, other_engine: Engine, anyio_backend: str
+) -> None:
+    """The fork hook reaches every live pool, not only the default one: a pool the application
+    made and gave to its maker, with a parent's thread idle in it and its lock held by another
+    thread at fork time, starts empty and unlocked in the child, which then uses it."""
+    workers = WorkerPool(idle_timeout=LONG)
+    maker = threadpool_sessionmaker(engine, workers=workers, cleanup_timeout=2 * LONG)
+    anyio.run(write_and_read, maker, "parent", backend="asyncio")
+    assert workers.idle == 1  # the parent's thread waits in the pool
+
+    def child() -> None:
+        engine.dispose(close=False)
+        assert workers.idle == 0  # none of the parent's threads
+        anyio.run(write_and_read, maker, "child", backend=anyio_backend)
+        assert workers.idle == 1  # the child's own thread, back in the pool
+
+    with held_by_another_thread(workers._lock):
+        run_in_child(child, deadline=LONG)
+    anyio.run(write_and_read, maker, "parent again", backend="asyncio")
+    assert workers.idle == 1  # the parent's thread was not lost to the child's reset
+    assert user_names(other_engine) == {"parent", "child", "parent again"}
     assert_clean(engine, other_engine)

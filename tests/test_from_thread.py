@@ -25,10 +25,10 @@ from models import User
 from sqlalchemy_threadpool import (
     ThreadpoolSession,
     TransactionInterruptedError,
+    WorkerPool,
     _from_thread,
     threadpool_sessionmaker,
 )
-from sqlalchemy_threadpool._worker import WorkerPool
 
 pytestmark = pytest.mark.anyio
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import errno
 import gc
-import itertools
 import os
 import sys
 import threading
@@ -26,6 +25,7 @@ from models import Base, User
 from sqlalchemy_threadpool import (
     ConfigurationError,
     TransactionInterruptedError,
+    WorkerPool,
     _wakeup,
     _worker,
     allow_blocking,
@@ -35,7 +35,6 @@ from sqlalchemy_threadpool import (
 )
 from sqlalchemy_threadpool._calls import WorkerCall
 from sqlalchemy_threadpool._guard import _allowed
-from sqlalchemy_threadpool._worker import WorkerPool, worker_pool
 
 pytestmark = pytest.mark.anyio
 
@@ -76,14 +75,6 @@ def sqlite_engine(tmp_path: Path) -> Iterator[Engine]:
         yield eng
     finally:
         eng.dispose()
-
-
-def _private_pool_timeout(base: float = SHORT_IDLE) -> float:
-    """An idle timeout no other test uses, so the test sees a pool of its own."""
-    return base + next(_pool_numbers) * 1e-6
-
-
-_pool_numbers = itertools.count(1)
 
 
 # -- the option ------------------------------------------------------------------------------
@@ -135,8 +126,7 @@ async def test_a_transaction_runs_on_one_dedicated_thread(engine: Engine) -> Non
 
 
 async def test_the_thread_goes_back_to_the_pool_and_is_reused(sqlite_engine: Engine) -> None:
-    idle = _private_pool_timeout(LONG_IDLE)
-    maker = threadpool_sessionmaker(sqlite_engine, worker_idle_timeout=idle)
+    maker = threadpool_sessionmaker(sqlite_engine, workers=WorkerPool(LONG_IDLE))
     idents = []
     for _ in range(5):
         async with threadpool_session(maker) as sess:
@@ -146,9 +136,8 @@ async def test_the_thread_goes_back_to_the_pool_and_is_reused(sqlite_engine: Eng
 
 
 async def test_a_session_outside_a_transaction_holds_no_thread(sqlite_engine: Engine) -> None:
-    pool_timeout = _private_pool_timeout(LONG_IDLE)
-    maker = threadpool_sessionmaker(sqlite_engine, worker_idle_timeout=pool_timeout)
-    pool = worker_pool(pool_timeout)
+    pool = WorkerPool(LONG_IDLE)
+    maker = threadpool_sessionmaker(sqlite_engine, workers=pool)
     async with maker() as sess:
         await sess.run(lambda s: None)  # no transaction: admitted and released again
         assert pool.idle == 1
@@ -184,8 +173,7 @@ async def test_concurrent_tasks_sharing_a_session_take_turns_on_its_thread(
 async def test_many_sessions_at_once_use_no_more_threads_than_the_limiter(
     sqlite_engine: Engine,
 ) -> None:
-    idle = _private_pool_timeout(LONG_IDLE)
-    maker = threadpool_sessionmaker(sqlite_engine, worker_idle_timeout=idle)
+    maker = threadpool_sessionmaker(sqlite_engine, workers=WorkerPool(LONG_IDLE))
     assert maker.limiter.total_tokens == 5
     overlap = Overlap()
     idents: set[int] = set()
@@ -377,7 +365,7 @@ async def test_a_started_call_is_waited_for_then_the_unit_of_work_fails(
 
 async def test_idle_threads_exit_and_no_thread_is_left(sqlite_engine: Engine) -> None:
     before = threading.active_count()
-    maker = threadpool_sessionmaker(sqlite_engine, worker_idle_timeout=_private_pool_timeout())
+    maker = threadpool_sessionmaker(sqlite_engine, workers=WorkerPool(SHORT_IDLE))
     idents: set[int] = set()
 
     async def client() -> None:
@@ -401,9 +389,7 @@ async def test_idle_threads_exit_and_no_thread_is_left(sqlite_engine: Engine) ->
 
 async def test_shutdown_makes_idle_threads_exit_at_once(sqlite_engine: Engine) -> None:
     """Not after their idle timeout (a minute here, far beyond EVENTUALLY)."""
-    maker = threadpool_sessionmaker(
-        sqlite_engine, worker_idle_timeout=_private_pool_timeout(LONG_IDLE)
-    )
+    maker = threadpool_sessionmaker(sqlite_engine, workers=WorkerPool(LONG_IDLE))
     idents: set[int] = set()
 
     async def client() -> None:
@@ -425,8 +411,8 @@ async def test_shutdown_makes_idle_threads_exit_at_once(sqlite_engine: Engine) -
 
 
 async def test_a_thread_lent_to_a_lost_session_exits(sqlite_engine: Engine) -> None:
-    pool_timeout = _private_pool_timeout()
-    maker = threadpool_sessionmaker(sqlite_engine, worker_idle_timeout=pool_timeout)
+    pool = WorkerPool(SHORT_IDLE)
+    maker = threadpool_sessionmaker(sqlite_engine, workers=pool)
     sess = maker()
     await sess.run(lambda s: s.begin())  # a transaction, no connection: stays admitted
     assert sess.in_transaction()
@@ -439,7 +425,7 @@ async def test_a_thread_lent_to_a_lost_session_exits(sqlite_engine: Engine) -> N
     gc.collect()
     await anyio.to_thread.run_sync(thread.join, EVENTUALLY)
     assert not thread.is_alive()
-    assert worker_pool(pool_timeout).idle == 0
+    assert pool.idle == 0
 
 
 class _RetireAfterStopIdle:
@@ -539,7 +525,7 @@ def test_the_libc_eventfd_calls_raise_on_a_bad_descriptor() -> None:
 _PORTABLE_WAKEUPS = """
 import sys, threading, anyio
 from sqlalchemy import create_engine, text
-from sqlalchemy_threadpool import threadpool_sessionmaker, _wakeup, _worker
+from sqlalchemy_threadpool import threadpool_sessionmaker, _wakeup, _worker_pool
 
 assert not _wakeup.EVENTFD
 engine = create_engine(sys.argv[1])
@@ -554,7 +540,7 @@ async def main() -> None:
             pass
         else:
             raise AssertionError("no error")
-    worker = _worker.WorkerPool(1.0).acquire(engine)
+    worker = _worker_pool.WorkerPool(1.0).acquire(engine)
     release = threading.Event()
     with anyio.move_on_after(0.05) as scope:
         await worker.call(lambda: release.wait(20))

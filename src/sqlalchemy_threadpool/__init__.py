@@ -47,6 +47,7 @@ from ._streams import ThreadpoolStreamScalarResult as ThreadpoolStreamScalarResu
 from ._streams import ThreadpoolTupleResult as ThreadpoolTupleResult
 from ._transaction import ThreadpoolSessionTransaction as ThreadpoolSessionTransaction
 from ._transaction import ThreadpoolTransaction as ThreadpoolTransaction
+from ._worker_pool import WorkerPool as WorkerPool
 
 __all__ = [
     "AdmissionTimeoutError",
@@ -73,6 +74,7 @@ __all__ = [
     "ThreadpoolTransaction",
     "ThreadpoolTupleResult",
     "TransactionInterruptedError",
+    "WorkerPool",
     "allow_blocking",
     "bind_session",
     "create_threadpool_engine",

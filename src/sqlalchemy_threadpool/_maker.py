@@ -37,7 +37,7 @@ from ._guard import GuardMode
 from ._offload import CLEANUP_TIMEOUT, Offloader
 from ._session import ThreadpoolSession
 from ._transaction import ThreadpoolSessionTransaction
-from ._worker import IDLE_TIMEOUT, WorkerPool, worker_pool
+from ._worker_pool import WorkerPool, pool_for
 
 if TYPE_CHECKING:
     from sqlalchemy.orm.session import _SessionBindKey
@@ -66,6 +66,7 @@ _OPTIONS = (
     "strict",
     "offload",
     "worker_idle_timeout",
+    "workers",
 )
 
 
@@ -114,7 +115,14 @@ class threadpool_sessionmaker(Generic[_TS]):
         directly: the short path. ``"anyio"``: every call goes through
         :func:`anyio.to_thread.run_sync` (the maker's limiter still bounds them).
     :param worker_idle_timeout: with ``offload="worker"``, seconds an idle worker thread waits
-        for another session before it exits. Default 10, as anyio's threads.
+        for another session before it exits. Given, the maker owns a :class:`WorkerPool` of
+        its own with that timeout (the timeout is this maker's choice, which threads shared
+        with makers that chose otherwise could not keep). Not given, and without ``workers=``,
+        the maker uses the process's default pool (10 s, as anyio's threads), shared by every
+        such maker: a thread goes from one maker's sessions to another's.
+    :param workers: with ``offload="worker"``, the :class:`WorkerPool` whose threads the
+        maker's sessions use. Give one pool to several makers to share threads between them;
+        its own ``idle_timeout`` applies (giving ``worker_idle_timeout=`` too is an error).
     :param strict: each session belongs to the task that created it (or first used it); use
         from any other task raises :class:`SessionOwnershipError`. By default (``False``)
         tasks sharing a session take turns.
@@ -133,7 +141,8 @@ class threadpool_sessionmaker(Generic[_TS]):
         cleanup_timeout: float = CLEANUP_TIMEOUT,
         strict: bool = False,
         offload: OffloadMode = "worker",
-        worker_idle_timeout: float = IDLE_TIMEOUT,
+        worker_idle_timeout: float | None = None,
+        workers: WorkerPool | None = None,
         class_: type[_TS] = ThreadpoolSession,  # type: ignore[assignment]
         sync_session_class: type[Session] | None = None,
         **session_kw: Any,
@@ -154,6 +163,7 @@ class threadpool_sessionmaker(Generic[_TS]):
             "strict": strict,
             "offload": offload,
             "worker_idle_timeout": worker_idle_timeout,
+            "workers": workers,
         }
         settings = self._settle(session_kw, options)
         self.sync_maker: sessionmaker[Session] = sessionmaker(class_=self.sync_class, **session_kw)
@@ -193,13 +203,15 @@ class threadpool_sessionmaker(Generic[_TS]):
         given to the maker (``bind=``, ``binds=``, ``expire_on_commit=``, any other
         :class:`~sqlalchemy.orm.Session` argument, and the maker's own ``limiter=``,
         ``admission_timeout=``, ``cancel_statements=``, ``cleanup_timeout=``, ``strict=``,
-        ``offload=``, ``worker_idle_timeout=``), and everything the maker derives from them
-        is derived again, exactly as by the constructor: the limiter from the new pool, the
-        in-memory SQLite / DuckDB checks, the pool's admission timeout, the statement
-        canceller for the new driver, the worker threads. What the constructor refuses is
-        refused here with the same :class:`ConfigurationError`, and the maker is then left
+        ``offload=``, ``worker_idle_timeout=``, ``workers=``), and everything the maker
+        derives from them is derived again, exactly as by the constructor: the limiter from
+        the new pool, the in-memory SQLite / DuckDB checks, the pool's admission timeout, the
+        statement canceller for the new driver, the worker pool. What the constructor refuses
+        is refused here with the same :class:`ConfigurationError`, and the maker is then left
         unchanged. A ``limiter=`` given earlier still applies (``limiter=None`` follows the
         new pool again); the limiter object is kept when neither the binds nor ``limiter=``
+        change. ``workers=`` replaces a ``worker_idle_timeout=`` given earlier and the other
+        way round; the maker's own pool is kept while its ``worker_idle_timeout=`` does not
         change.
 
         Sessions made before keep their bind, their limiter (they give their token back to
@@ -217,7 +229,14 @@ class threadpool_sessionmaker(Generic[_TS]):
                 )
         unwrap_binds(new_kw)
         options = {name: new_kw.pop(name) for name in _OPTIONS if name in new_kw}
-        settings = self._settle({**self.sync_maker.kw, **new_kw}, {**self._options, **options})
+        merged = {**self._options, **options}
+        for given, replaced in (
+            ("workers", "worker_idle_timeout"),
+            ("worker_idle_timeout", "workers"),
+        ):
+            if given in options and replaced not in options:
+                merged[replaced] = None  # two ways to say which threads: the newer one holds
+        settings = self._settle({**self.sync_maker.kw, **new_kw}, merged)
         self.sync_maker.configure(**new_kw)
         watch_binds(self.sync_maker, self.guard)
         self._adopt(settings)
@@ -230,11 +249,6 @@ class threadpool_sessionmaker(Generic[_TS]):
         offload = options["offload"]
         if offload not in ("worker", "anyio"):
             raise ConfigurationError(f"offload must be 'worker' or 'anyio', not {offload!r}.")
-        idle = options["worker_idle_timeout"]
-        if isinstance(idle, bool) or not (isinstance(idle, (int, float)) and idle > 0):
-            raise ConfigurationError(
-                f"worker_idle_timeout must be a positive number of seconds, not {idle!r}."
-            )
         bind = session_kw.get("bind")
         binds = [b for b in (bind, *(session_kw.get("binds") or {}).values()) if b is not None]
         for each in binds:
@@ -246,6 +260,7 @@ class threadpool_sessionmaker(Generic[_TS]):
         else:
             limiter = _make_limiter(binds, options["limiter"])
         admission_timeout = options["admission_timeout"]
+        workers = pool_for(options, current.workers if current is not None else None)
         return _Settings(
             options=options,
             limiter=limiter,
@@ -254,7 +269,7 @@ class threadpool_sessionmaker(Generic[_TS]):
                 _pool_timeout(bind) if admission_timeout == "pool" else admission_timeout
             ),
             canceller=canceller_for(bind) if options["cancel_statements"] else None,
-            workers=worker_pool(float(idle)) if offload == "worker" else None,
+            workers=workers if offload == "worker" else None,
         )
 
     def _adopt(self, settings: _Settings) -> None:

@@ -16,7 +16,7 @@ from sqlalchemy.engine import Engine
 
 from ._admission import admitted_offloaders
 from ._maker import engine_of, threadpool_sessionmaker
-from ._worker import stop_idle_workers
+from ._worker_pool import WorkerPool, all_pools
 
 __all__ = ["shutdown"]
 
@@ -44,14 +44,22 @@ async def shutdown(
       down, so their worker leaves at once and the connection is invalidated.
 
     After ``timeout`` seconds it stops waiting, logs what is left, and disposes the engine's
-    pool anyway (``dispose=False`` skips that); idle dedicated worker threads exit at once
-    instead of after ``worker_idle_timeout``. It runs shielded from cancellation, so it can
-    be awaited in a ``finally:`` block of a cancelled task, and it works on asyncio and trio.
+    pool anyway (``dispose=False`` skips that). Then the idle threads of the worker pools
+    concerned exit at once instead of after their idle timeout: given a maker, those of its
+    :class:`WorkerPool` and of the pools of the sessions it stopped (another maker's pool,
+    shared or not, keeps its threads); given an engine, whose makers it does not know, those
+    of every pool in the process. It runs shielded from cancellation, so it can be awaited in
+    a ``finally:`` block of a cancelled task, and it works on asyncio and trio.
     Sessions that start after it was called are not affected: stop taking requests first.
     """
     engine = _engine_of(target)
     with anyio.CancelScope(shield=True):
         victims = admitted_offloaders(engine)
+        pools: set[WorkerPool | None] = {o._workers for o in victims}
+        if isinstance(target, threadpool_sessionmaker):
+            pools.add(target._workers)
+        else:
+            pools.update(all_pools())
         start = anyio.current_time()
         sever_at = start + timeout / 2
         with anyio.move_on_after(timeout) as scope:
@@ -70,7 +78,9 @@ async def shutdown(
             # Closing pooled connections is network IO: keep it off the event-loop thread.
             # (Not session work, so it does not go through the offload path.)
             await anyio.to_thread.run_sync(engine.dispose)
-        stop_idle_workers()  # idle dedicated threads exit now, not after their idle timeout
+        for pool in pools:  # idle dedicated threads exit now, not after their idle timeout
+            if pool is not None:
+                pool.stop_idle()
 
 
 def _engine_of(target: threadpool_sessionmaker | Engine) -> Engine:

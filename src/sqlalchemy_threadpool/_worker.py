@@ -23,8 +23,8 @@ flight does the wake-up release the GIL, which hands it straight to the woken th
 makes a lone hop (W0/W1) cheaper, and nobody else is waiting for it then. Workers release
 the GIL freely: to wake the loop and in every driver call.
 
-Threads wait in a :class:`WorkerPool` between sessions and exit after its idle timeout; the
-maker's limiter bounds how many sessions (and so threads) are busy at once.
+Threads wait in a :class:`~._worker_pool.WorkerPool` between sessions and exit after its idle
+timeout; the maker's limiter bounds how many sessions (and so threads) are busy at once.
 
 This module only moves callables and results; the start/abandon handshake, cancellation and
 cleanup policy live in :mod:`._offload`. :meth:`Worker.call` keeps the contract that
@@ -59,14 +59,13 @@ if TYPE_CHECKING:
     import anyio
     from anyio.lowlevel import EventLoopToken
 
-__all__ = ["IDLE_TIMEOUT", "Worker", "WorkerPool", "stop_idle_workers", "worker_pool"]
+    from ._worker_pool import WorkerPool as WorkerPool  # (its module imports this one)
+
+__all__ = ["Worker"]
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-#: Seconds an idle worker thread waits for work before it exits: the maker's default.
-IDLE_TIMEOUT = 10.0
 
 _get_running_loop = asyncio._get_running_loop
 _names = count(1)
@@ -203,9 +202,8 @@ class Worker:
         fd = self._wake_fd
         if fd is not None:
             if len(_wakeup.in_flight) > 1 and _wakeup.write_keeping_gil is not None:
-                _wakeup.write_keeping_gil(
-                    fd
-                )  # other calls are in flight: keep the GIL (docstring)
+                # Other calls are in flight: keep the GIL (module docstring).
+                _wakeup.write_keeping_gil(fd)
             else:
                 os.eventfd_write(fd, 1)  # alone: hand the GIL to the woken thread
         else:
@@ -280,7 +278,7 @@ class Worker:
 
     def _sleeper(self) -> Callable[[], bool]:
         """How the thread waits for a wake-up, at most the pool's idle timeout (``False``)."""
-        fd, idle = self._wake_fd, self._pool.idle_timeout
+        fd, idle = self._wake_fd, self._pool._idle_timeout
         if fd is None:
             go = self._go
             return lambda: go.acquire(timeout=idle)
@@ -336,110 +334,6 @@ class Worker:
                 except Exception:  # the loop is gone (closed, or its run finished): no waiter
                     logger.debug("could not wake the event loop of a finished call", exc_info=True)
             del job, notify
-
-
-class WorkerPool:
-    """Idle worker threads, lent to sessions while they are admitted.
-
-    Threads are started on demand and wait for work at most ``idle_timeout`` seconds; an idle
-    thread that waited that long leaves the pool and exits. A thread lent to a session that
-    was garbage-collected without giving it back exits the same way.
-    """
-
-    __slots__ = ("_idle", "_lock", "idle_timeout")
-
-    def __init__(self, idle_timeout: float = IDLE_TIMEOUT) -> None:
-        if not idle_timeout > 0:
-            raise ValueError(f"idle_timeout must be a positive number, not {idle_timeout!r}")
-        self.idle_timeout: float = idle_timeout
-        self._lock = threading.Lock()
-        self._idle: list[Worker] = []
-
-    def acquire(self, owner: object) -> Worker:
-        """A worker thread of ``owner``'s own until :meth:`release`; started if none is idle."""
-        with self._lock:
-            if self._idle:
-                worker = self._idle.pop()  # the most recently used: its siblings may time out
-                worker.owner = weakref.ref(owner)
-                return worker
-        # Outside the lock: starting a thread waits until it runs.
-        return Worker(self, weakref.ref(owner))
-
-    def release(self, worker: Worker) -> None:
-        """Give ``worker`` back; it must have no call in flight."""
-        worker.forget_loop()
-        with self._lock:
-            worker.owner = None
-            self._idle.append(worker)
-
-    def retire(self, worker: Worker) -> bool:
-        """Called by a thread that was stopped or whose idle wait timed out: whether it leaves.
-
-        Stopping (:meth:`stop_idle`) and retiring are one decision under the pool's lock: a
-        stopped thread's wake-up was written under the lock, before this returns; a thread
-        that retires itself leaves the idle list here, so :meth:`stop_idle` never sees it.
-        Either way the pool is done with the thread's eventfds before the thread closes them.
-        """
-        with self._lock:
-            if worker._stopping:
-                return True
-            if worker.owner is None:  # idle: in the list until now
-                if worker in self._idle:
-                    self._idle.remove(worker)
-                return True
-            if worker.owner() is None:  # lent to a session that no longer exists
-                worker.owner = None
-                return True
-            return False
-
-    def stop_idle(self) -> int:
-        """Make every idle thread exit now; return how many there were."""
-        with self._lock:
-            idle, self._idle = self._idle, []
-            for worker in idle:  # under the lock: none of them can retire meanwhile
-                worker.stop()
-        return len(idle)
-
-    @property
-    def idle(self) -> int:
-        """How many threads wait in the pool."""
-        with self._lock:
-            return len(self._idle)
-
-
-_pools: dict[float, WorkerPool] = {}
-_pools_lock = threading.Lock()
-
-
-def _forget_threads_after_fork() -> None:
-    """A forked child has none of its parent's threads: start from empty pools."""
-    global _pools_lock
-    _pools_lock = threading.Lock()
-    for pool in _pools.values():
-        pool._lock = threading.Lock()
-        pool._idle = []
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_threads_after_fork)
-
-
-def stop_idle_workers() -> int:
-    """Make the idle threads of every pool exit now (``shutdown()``); busy ones are kept."""
-    with _pools_lock:
-        pools = list(_pools.values())
-    return sum(pool.stop_idle() for pool in pools)
-
-
-def worker_pool(idle_timeout: float = IDLE_TIMEOUT) -> WorkerPool:
-    """The process-wide pool whose threads exit after ``idle_timeout`` idle seconds."""
-    pool = _pools.get(idle_timeout)
-    if pool is None:
-        with _pools_lock:
-            pool = _pools.get(idle_timeout)
-            if pool is None:
-                pool = _pools[idle_timeout] = WorkerPool(idle_timeout)
-    return pool
 
 
 def _trio_resume(job: _Job) -> None:
