@@ -237,6 +237,13 @@ def noop(_session: object = None) -> None:
     return None
 
 
+def request_body(sess: Session, uid: int, i: int) -> None:
+    """W2's request as plain sync code, without the commit: what one-hop variants run."""
+    user = sess.get(User, uid)
+    posts = sess.scalars(select(Post).where(Post.author_id == uid)).all()
+    sess.add(new_post(user, uid, len(posts), i))
+
+
 # -- database set-up (parent process) ------------------------------------------------------
 
 
@@ -512,11 +519,8 @@ class RawSync(Variant):
             return clock.per(len(ids), 1e6)
 
     def request(self, i: int) -> None:
-        uid = self.user_ids[i % len(self.user_ids)]
         with self.maker() as sess:
-            user = sess.get(User, uid)
-            posts = sess.scalars(select(Post).where(Post.author_id == uid)).all()
-            sess.add(new_post(user, uid, len(posts), i))
+            request_body(sess, self.user_ids[i % len(self.user_ids)], i)
             sess.commit()
 
     def concurrent(self, requests: int, tasks: int, want: frozenset[str]) -> dict[str, Outcome]:
@@ -900,6 +904,82 @@ class Threadpool(AsyncVariant):
         await sess.commit()
 
 
+class OneHop(AsyncVariant):
+    """W2's whole request as one sync function in one ``anyio.to_thread.run_sync`` call.
+
+    What a FastAPI ``def`` endpoint does (anyio's shared 40-thread limiter, the request's
+    session opened, used, committed and closed in that thread): issue 14's reference for an
+    async endpoint on our session. Only W2/W3 and M: for one call (W0, W1) it is
+    ``anyio_to_thread``.
+    """
+
+    def __init__(self, spec: WorkerSpec) -> None:
+        super().__init__(spec)
+        self.engine = self.sync_engine = make_sync_engine(spec.url)
+        self.maker = sessionmaker(self.engine, expire_on_commit=False)
+
+    def sync_request(self, i: int) -> None:
+        with self.maker() as sess:
+            request_body(sess, self.user_ids[i % len(self.user_ids)], i)
+            sess.commit()
+
+    async def request(self, i: int) -> None:
+        await anyio.to_thread.run_sync(self.sync_request, i)
+
+    def hop(self, calls: int) -> Timing:
+        raise NotApplicable("one call per hop: see anyio_to_thread")
+
+    def point(self, calls: int) -> Timing:
+        raise NotApplicable("one call per hop: see anyio_to_thread")
+
+    def unit_of_work(self, rows: int) -> Timing:
+        raise NotApplicable("one unit of work in one thread: see raw_sync")
+
+    def memory(self, scopes: int) -> dict[str, Outcome]:
+        raise NotApplicable("W2 reference only")
+
+    def session(self) -> contextlib.AbstractAsyncContextManager[Any]:
+        raise NotImplementedError
+
+    async def call_noop(self, sess: Any) -> None:
+        raise NotImplementedError
+
+    async def get(self, sess: Any, entity: type[Any], ident: int) -> Any:
+        raise NotImplementedError
+
+    async def all(self, sess: Any, statement: Any) -> Sequence[Any]:
+        raise NotImplementedError
+
+    async def commit(self, sess: Any) -> None:
+        raise NotImplementedError
+
+
+class ThreadpoolWhole(Threadpool):
+    """Ours, the whole request in one ``run()``: ``async with threadpool_session(m) as s:
+    await s.run(request)`` (the scope commits and closes on exit)."""
+
+    async def request(self, i: int) -> None:
+        uid = self.user_ids[i % len(self.user_ids)]
+        async with self.lib.threadpool_session(self.maker) as sess:
+            await sess.run(request_body, uid, i)
+
+    def hop(self, calls: int) -> Timing:
+        raise NotApplicable("same as threadpool")
+
+    def point(self, calls: int) -> Timing:
+        raise NotApplicable("same as threadpool")
+
+    def unit_of_work(self, rows: int) -> Timing:
+        raise NotApplicable("same as threadpool")
+
+    def memory(self, scopes: int) -> dict[str, Outcome]:
+        raise NotApplicable("same as threadpool")
+
+    @property
+    def idle_timeout_s(self) -> float | None:  # type: ignore[override]
+        return None
+
+
 class DedicatedThread(AsyncVariant):
     """W0 reference only: one minimal dedicated worker thread (a queue in, a loop wake-up out).
 
@@ -1021,6 +1101,11 @@ VARIANTS: dict[str, VariantInfo] = {
         AsyncSessionVariant,
         "AsyncSession on asyncpg / aiomysql / aiosqlite; asyncio only",
     ),
+    "one_hop": VariantInfo(
+        OneHop,
+        "W2 reference: the whole request as one sync function in one anyio.to_thread.run_sync "
+        "call (a FastAPI def endpoint)",
+    ),
     "dedicated_thread": VariantInfo(
         DedicatedThread, "W0 reference: one bare worker thread, queue in, loop wake-up out"
     ),
@@ -1036,6 +1121,10 @@ for _mode in OFFLOAD_MODES:
             functools.partial(Threadpool, maker_kw={"offload": _mode}),
             f"sqlalchemy_threadpool, offload={_mode!r}",
         )
+VARIANTS["threadpool_whole"] = VariantInfo(
+    functools.partial(ThreadpoolWhole, maker_kw={}),
+    "sqlalchemy_threadpool, the whole W2 request in one run() inside threadpool_session()",
+)
 VARIANTS["threadpool_guard_off"] = VariantInfo(
     functools.partial(Threadpool, maker_kw={"guard": "off"}),
     "sqlalchemy_threadpool, defaults but guard='off'",
@@ -1046,6 +1135,13 @@ OURS = [name for name in VARIANTS if name.startswith("threadpool") and "guard" n
 
 #: Extra ratios printed under a workload's table: (label, numerator, denominator).
 PAIRED_RATIOS = [("guard on / off", "threadpool", "threadpool_guard_off")]
+
+#: W2 throughput ratios printed under its table (issue 14's targets): (numerator, denominator).
+W2_RATIOS = [
+    ("threadpool", "one_hop"),
+    ("threadpool_whole", "one_hop"),
+    ("threadpool", "asyncsession"),
+]
 
 
 # -- worker process ------------------------------------------------------------------------
@@ -1346,6 +1442,8 @@ TARGETS = [
     Target("W1 below AsyncSession", "W1", "asyncsession", "<", 1.0),
     Target("W2 >= AsyncSession", "W2", "asyncsession", ">=", 1.0),
     Target("W2 >= 0.95x raw TPE(10)", "W2", "raw_sync", ">=", 0.95),
+    Target("W2 >= 0.90x one hop per request (issue 14)", "W2", "one_hop", ">=", 0.90),
+    Target("W2 >= 0.95x one hop per request (issue 14, whole)", "W2", "one_hop", ">=", 0.95),
     Target("W3 p99 <= 3 ms", "W3", None, "<=", 3.0),
     Target("W3 p99 below AsyncSession", "W3", "asyncsession", "<", 1.0),
     Target("W4 <= 1.05x raw sync", "W4", "raw_sync", "<=", 1.05),
@@ -1542,6 +1640,10 @@ def report(
                 ratio = paired_ratio(off, on) if info.higher_is_better else paired_ratio(on, off)
                 if ratio is not None:
                     out.append(f"\n{label}, time ratio ({num} vs {den}): {ratio:.3f}x")
+            for num, den in W2_RATIOS if w == "W2" else ():
+                ratio = paired_ratio(s.cell(w, num).values, s.cell(w, den).values)
+                if ratio is not None:
+                    out.append(f"\nthroughput ratio {num} / {den}: {ratio:.3f}x")
             if w == "W3" and s.idle_lag_ms:
                 out.append(
                     f"\nidle-loop ticker p99 (the machine's floor), parent process, once per "
