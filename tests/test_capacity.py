@@ -17,7 +17,7 @@ from sqlalchemy import Engine, create_engine, func, select, text
 from sqlalchemy.orm import Session
 
 from helpers import Overlap, assert_clean, checked_out, user_names
-from models import Post, User
+from models import Base, Post, User
 from sqlalchemy_threadpool import (
     AdmissionTimeoutError,
     ThreadpoolEngine,
@@ -199,7 +199,7 @@ async def test_two_sessions_taking_two_engines_in_opposite_orders_never_hang(
     first, second = pools_of_one
     maker = threadpool_sessionmaker(first, binds={User: first, Post: second})
 
-    async def use(order: list[type[User] | type[Post]]) -> None:
+    async def use(order: list[type[Base]]) -> None:
         async with threadpool_session(maker, new=True) as sess:
             for model in order:
                 await sess.scalar(select(func.count()).select_from(model))
