@@ -186,9 +186,17 @@ class Gate:
         capacities = _capacities_of(binds) or self.capacities
         if capacities == self.capacities:
             return self
-        gate = Gate(self.cap, capacities, log_threshold=self.log_threshold, owner=self.owner)
-        gate.own_cap = self.own_cap
-        return gate
+        return self.copy(capacities, self.log_threshold)
+
+    def copy(self, capacities: tuple[Capacity, ...], log_threshold: float | None) -> Gate:
+        """A gate with the same cap (and its tokens) and owner, for these capacities."""
+        return Gate(
+            self.cap,
+            capacities,
+            own_cap=self.own_cap,
+            log_threshold=log_threshold,
+            owner=self.owner,
+        )
 
     @property
     def limiter(self) -> anyio.CapacityLimiter:

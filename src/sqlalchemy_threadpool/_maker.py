@@ -266,12 +266,13 @@ class threadpool_sessionmaker(Generic[_TS]):
         for each in binds:
             _check_sqlite_memory(each)
         threshold = options["admission_log_threshold"]
-        key = (tuple(binds), options["limiter"], threshold)
+        key = (tuple(binds), options["limiter"])
         current: _Settings | None = getattr(self, "_settings", None)
-        if current is not None and current.gate_key == key:
+        gate = make_gate(binds, options["limiter"], log_threshold=threshold, owner=self._ref)
+        if current is not None and current.gate_key == key:  # validated, but keep the cap
             gate = current.gate  # same binds, same limiter=: the same cap and its tokens
-        else:
-            gate = make_gate(binds, options["limiter"], log_threshold=threshold, owner=self._ref)
+            if gate.log_threshold != threshold:
+                gate = gate.copy(gate.capacities, threshold)
         admission_timeout = options["admission_timeout"]
         workers = pool_for(options, current.workers if current is not None else None)
         return _Settings(
