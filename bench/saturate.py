@@ -5,7 +5,7 @@ Starts three times as many tasks as the engine has connections; each holds a ses
 still open), through two makers on
 the one engine (requests and jobs, the jobs capped with ``limiter=``). Every ``--every``
 seconds it prints ``engine_stats(engine)`` and each maker's ``stats()``; the admission log
-(``sqlalchemy_threadpool.admission``) goes to the same output. Run::
+(``sqlalchemy_threadpool._admission``) goes to the same output. Run::
 
     python bench/saturate.py                       # PostgreSQL, asyncio
     python bench/saturate.py --url sqlite:///sat.db --backend trio
@@ -56,7 +56,7 @@ async def _run(args: argparse.Namespace) -> None:
         record.msg = f"{(time.monotonic() - started) * 1000:6.0f} ms LOG {record.msg}"
         return True
 
-    logging.getLogger("sqlalchemy_threadpool.admission").addFilter(stamp)
+    logging.getLogger("sqlalchemy_threadpool._admission").addFilter(stamp)
 
     async def hold(maker: threadpool_sessionmaker) -> None:
         async with threadpool_session(maker, new=True) as sess:

@@ -30,7 +30,7 @@ from sqlalchemy_threadpool import (
 )
 
 POOL_TIMEOUT = 3
-LOGGER = "sqlalchemy_threadpool.admission"
+LOGGER = "sqlalchemy_threadpool._admission"
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ borrower, so that a session dropped without being closed stays collectable;
 lists the admitted sessions for ``shutdown()`` and the stats; :data:`waiting` the tickets
 waiting for admission, since when; a forked child forgets those of its parent. :func:`admit`
 takes the tokens (waiting at most the admission timeout, and logging a wait longer than the
-gate's threshold on ``sqlalchemy_threadpool.admission``), :func:`release` gives them back.
+gate's threshold on this module's logger), :func:`release` gives them back.
 """
 
 from __future__ import annotations
@@ -45,9 +45,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-#: Where admission waits longer than a maker's ``admission_log_threshold`` are logged.
-wait_logger = logging.getLogger("sqlalchemy_threadpool.admission")
 
 #: Admitted sessions (they may hold a connection), for ``shutdown()``, and their tickets.
 admitted: weakref.WeakKeyDictionary[Offloader, Ticket] = weakref.WeakKeyDictionary()
@@ -190,7 +187,7 @@ async def _wait(
 def _log_wait(gate: Gate, limiter: anyio.CapacityLimiter, waited: float, outcome: str) -> None:
     total, in_use = int(limiter.total_tokens), limiter.borrowed_tokens
     queued = limiter.statistics().tasks_waiting
-    wait_logger.warning(
+    logger.warning(
         "a session waited %.3f s for a database connection and %s: %s, %d in use, %d waiting",
         waited,
         outcome,

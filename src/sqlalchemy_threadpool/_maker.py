@@ -107,7 +107,7 @@ class threadpool_sessionmaker(Generic[_TS]):
         (30 s unless configured), ``None`` waits forever.
     :param admission_log_threshold: seconds; an admission wait that long or longer is logged
         once, when it ends (admitted, timed out or cancelled), as a warning on the
-        ``sqlalchemy_threadpool.admission`` logger with the wait and the capacity, so a
+        ``sqlalchemy_threadpool._admission`` logger with the wait and the capacity, so a
         saturated pool shows in the logs before timeouts do. Default 0.1; ``None`` never logs.
     :param cancel_statements: when an awaiting task is cancelled or times out, ask the database
         to stop the statement in flight (psycopg2 ``cancel()``, MySQL/MariaDB ``KILL QUERY``,
