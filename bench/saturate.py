@@ -46,7 +46,9 @@ def main() -> None:
 async def _run(args: argparse.Namespace) -> None:
     engine = create_engine(args.url, pool_size=args.pool_size, max_overflow=0)
     requests = threadpool_sessionmaker(engine, admission_log_threshold=0.1)
-    jobs = threadpool_sessionmaker(engine, limiter=max(1, args.pool_size // 2))
+    jobs = threadpool_sessionmaker(
+        engine, limiter=max(1, args.pool_size // 2), admission_log_threshold=0.1
+    )
     started = time.monotonic()
 
     def say(line: str) -> None:

@@ -175,18 +175,29 @@ async def test_an_admission_timeout_is_logged_and_a_short_wait_is_not(
     quiet = threadpool_sessionmaker(
         pool_of_one, admission_timeout=0.05, admission_log_threshold=None
     )
-    patient = threadpool_sessionmaker(pool_of_one, admission_timeout=0.05)
-    assert patient.admission_log_threshold == 0.1  # the default: above this timeout
     caplog.set_level(logging.WARNING, logger=LOGGER)
     async with threadpool_session(timing_out) as holder:
         await holder.execute(text("SELECT 1"))
-        for maker in (quiet, patient, timing_out):
+        for maker in (quiet, timing_out):
             with pytest.raises(AdmissionTimeoutError):
                 async with threadpool_session(maker, new=True) as sess:
                     await sess.execute(text("SELECT 1"))
     [record] = caplog.records  # only ``timing_out``'s
     assert "gave up (admission_timeout)" in record.getMessage()
     assert_clean(pool_of_one, other_engine)
+
+
+def test_the_default_threshold_is_a_tenth_of_the_admission_timeout_at_most_a_second(
+    pool_of_one: Engine,
+) -> None:
+    def threshold(**kw: object) -> float | None:
+        return threadpool_sessionmaker(pool_of_one, **kw).admission_log_threshold  # type: ignore[arg-type]
+
+    assert threshold() == 0.3  # pool_timeout=3 in these tests
+    assert threshold(admission_timeout=0.05) == pytest.approx(0.005)
+    assert threshold(admission_timeout=60) == 1.0
+    assert threshold(admission_timeout=None) == 1.0
+    assert threshold(admission_timeout=None, admission_log_threshold=0.25) == 0.25
 
 
 @pytest.mark.parametrize("bad", [-1, "0.1", True])

@@ -233,8 +233,8 @@ def make_gate(
         or log_threshold < 0
     ):
         raise ConfigurationError(
-            "admission_log_threshold must be a number of seconds (0 logs every wait) or None "
-            f"(never log), not {log_threshold!r}."
+            "admission_log_threshold must be a number of seconds (0 logs every wait), 'auto' "
+            f"or None (never log), not {log_threshold!r}."
         )
     capacities = _capacities_of(binds)
     if not capacities:

@@ -46,9 +46,9 @@ _TS = TypeVar("_TS", bound=ThreadpoolSession, default=ThreadpoolSession, covaria
 #: How a maker's sessions reach their worker threads (see ``offload=``).
 OffloadMode = Literal["worker", "anyio"]
 
-#: Seconds of admission wait above which the wait is logged: ``admission_log_threshold``'s
-#: default.
-ADMISSION_LOG_THRESHOLD = 0.1
+#: The most seconds of admission wait that go unlogged by default (``admission_log_threshold=
+#: "auto"``: a tenth of the admission timeout, at most this).
+ADMISSION_LOG_THRESHOLD = 1.0
 
 #: The maker's own options, given to the constructor and to ``configure()``.
 _OPTIONS = (
@@ -108,7 +108,9 @@ class threadpool_sessionmaker(Generic[_TS]):
     :param admission_log_threshold: seconds; an admission wait that long or longer is logged
         once, when it ends (admitted, timed out or cancelled), as a warning on the
         ``sqlalchemy_threadpool._admission`` logger with the wait and the capacity, so a
-        saturated pool shows in the logs before timeouts do. Default 0.1; ``None`` never logs.
+        saturated pool shows in the logs before timeouts do. ``"auto"`` (default): a tenth of
+        the admission timeout, at most 1 s (1 s with the pool's default 30 s); ``0`` logs
+        every wait; ``None`` never logs.
     :param cancel_statements: when an awaiting task is cancelled or times out, ask the database
         to stop the statement in flight (psycopg2 ``cancel()``, MySQL/MariaDB ``KILL QUERY``,
         sqlite3 and DuckDB ``interrupt()``). Default ``True``. See the cancellation docs.
@@ -142,7 +144,7 @@ class threadpool_sessionmaker(Generic[_TS]):
         limiter: int | anyio.CapacityLimiter | None = None,
         guard: GuardMode = "raise",
         admission_timeout: float | Literal["pool"] | None = "pool",
-        admission_log_threshold: float | None = ADMISSION_LOG_THRESHOLD,
+        admission_log_threshold: float | Literal["auto"] | None = "auto",
         cancel_statements: bool = True,
         cleanup_timeout: float = CLEANUP_TIMEOUT,
         strict: bool = False,
@@ -265,7 +267,14 @@ class threadpool_sessionmaker(Generic[_TS]):
         binds = _binds_of(session_kw)
         for each in binds:
             _check_sqlite_memory(each)
+        admission_timeout = options["admission_timeout"]
+        if admission_timeout == "pool":
+            admission_timeout = _pool_timeout(bind)
         threshold = options["admission_log_threshold"]
+        if threshold == "auto":
+            threshold = ADMISSION_LOG_THRESHOLD
+            if isinstance(admission_timeout, (int, float)):
+                threshold = min(threshold, admission_timeout / 10)
         key = (tuple(binds), options["limiter"])
         current: _Settings | None = getattr(self, "_settings", None)
         gate = make_gate(binds, options["limiter"], log_threshold=threshold, owner=self._ref)
@@ -273,15 +282,12 @@ class threadpool_sessionmaker(Generic[_TS]):
             gate = current.gate  # same binds, same limiter=: the same cap and its tokens
             if gate.log_threshold != threshold:
                 gate = gate.copy(gate.capacities, threshold)
-        admission_timeout = options["admission_timeout"]
         workers = pool_for(options, current.workers if current is not None else None)
         return _Settings(
             options=options,
             gate=gate,
             gate_key=key,
-            admission_timeout=(
-                _pool_timeout(bind) if admission_timeout == "pool" else admission_timeout
-            ),
+            admission_timeout=admission_timeout,
             canceller=canceller_for(bind) if options["cancel_statements"] else None,
             workers=workers if offload == "worker" else None,
         )
