@@ -24,7 +24,6 @@ from models import User
 from sqlalchemy_threadpool import (
     AdmissionTimeoutError,
     ConfigurationError,
-    ConfigurationWarning,
     threadpool_session,
     threadpool_sessionmaker,
 )
@@ -208,11 +207,15 @@ def test_a_limiter_larger_than_the_pool_is_refused(
         threadpool_sessionmaker(engine, limiter=limiter)
 
 
-def test_a_limiter_smaller_than_the_pool_warns(tmp_path: Path) -> None:
+def test_a_limiter_smaller_than_the_pool_is_a_cap_within_the_engines_capacity(
+    tmp_path: Path,
+) -> None:
+    """No warning (warnings are errors here): the rest of the pool serves other makers."""
     engine = create_engine(f"sqlite:///{tmp_path}/t.db", pool_size=2, max_overflow=3)
-    with pytest.warns(ConfigurationWarning, match=r"smaller than the connection pool \(5"):
-        threadpool_sessionmaker(engine, limiter=4)
-    assert threadpool_sessionmaker(engine, limiter=5).limiter.total_tokens == 5  # no warning
+    jobs = threadpool_sessionmaker(engine, limiter=4)
+    assert jobs.limiter.total_tokens == 4
+    assert threadpool_sessionmaker(engine).limiter.total_tokens == 5  # the engine's capacity
+    assert threadpool_sessionmaker(engine, limiter=5).limiter.total_tokens == 5
 
 
 async def _begin_and_drop(maker: threadpool_sessionmaker, name: str) -> None:

@@ -24,7 +24,6 @@ from models import Base, User
 from sqlalchemy_threadpool import (
     AdmissionTimeoutError,
     ConfigurationError,
-    ConfigurationWarning,
     threadpool_session,
     threadpool_sessionmaker,
 )
@@ -61,9 +60,8 @@ def test_limiter_larger_than_the_pool_is_an_error(engine: Engine) -> None:
         threadpool_sessionmaker(engine, limiter=1000)
 
 
-def test_limiter_smaller_than_the_pool_warns(engine: Engine) -> None:
-    with pytest.warns(ConfigurationWarning, match="smaller than the connection pool"):
-        maker = threadpool_sessionmaker(engine, limiter=1)
+def test_limiter_smaller_than_the_pool_caps_the_maker(engine: Engine) -> None:
+    maker = threadpool_sessionmaker(engine, limiter=1)  # no warning: a share of the pool
     assert maker.limiter.total_tokens == 1
 
 
@@ -165,8 +163,7 @@ def test_rebinding_to_in_memory_sqlite_is_refused_as_constructing_is(engine: Eng
 def test_rebinding_below_an_explicit_limiter_is_refused(
     engine: Engine, pool_of_one: Engine
 ) -> None:
-    with pytest.warns(ConfigurationWarning, match="smaller than the connection pool"):
-        maker = threadpool_sessionmaker(engine, limiter=2)
+    maker = threadpool_sessionmaker(engine, limiter=2)
     with pytest.raises(ConfigurationError, match="larger than the connection pool"):
         maker.configure(bind=pool_of_one)
     assert maker.sync_maker.kw["bind"] is engine

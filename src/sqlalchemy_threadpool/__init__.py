@@ -38,6 +38,8 @@ from ._retry import run_transaction as run_transaction
 from ._scoping import threadpool_scoped_session as threadpool_scoped_session
 from ._session import ThreadpoolSession as ThreadpoolSession
 from ._shutdown import shutdown as shutdown
+from ._stats import ThreadpoolStats as ThreadpoolStats
+from ._stats import engine_stats as engine_stats
 from ._streams import ThreadpoolMappingResult as ThreadpoolMappingResult
 from ._streams import ThreadpoolResult as ThreadpoolResult
 from ._streams import ThreadpoolScalarResult as ThreadpoolScalarResult
@@ -68,6 +70,7 @@ __all__ = [
     "ThreadpoolSession",
     "ThreadpoolSessionError",
     "ThreadpoolSessionTransaction",
+    "ThreadpoolStats",
     "ThreadpoolStreamMappingResult",
     "ThreadpoolStreamResult",
     "ThreadpoolStreamScalarResult",
@@ -79,6 +82,7 @@ __all__ = [
     "bind_session",
     "create_threadpool_engine",
     "current_session",
+    "engine_stats",
     "get_default_sessionmaker",
     "is_retryable",
     "run_transaction",

@@ -1,12 +1,15 @@
-"""Admission: the limiter token an admitted session borrows, and who is admitted.
+"""Admission: the tokens an admitted session borrows, who is admitted, and who waits.
 
-A session is *admitted* while it may hold a connection: it has borrowed one of its maker's
-:class:`anyio.CapacityLimiter` tokens (sized to the connection pool) through a :class:`Ticket`.
-The ticket, not the session, is the borrower, so that a session dropped without being closed
-stays collectable; :func:`release_lost`, its finalizer, gives the token back on the event loop.
-:data:`admitted` lists the admitted sessions for ``shutdown()``; a forked child forgets those of
-its parent. :func:`admit` takes a token for a session (waiting at most its admission
-timeout), :func:`release` gives it back.
+A session is *admitted* while it may hold a connection: it has borrowed, through a
+:class:`Ticket`, one token of each limiter of its maker's :class:`~._capacity.Gate` (the
+maker's ``limiter=`` cap, if any, then the capacity of each engine it binds, shared by
+everything on that engine), taken in the gate's order. The ticket, not the session, is the
+borrower, so that a session dropped without being closed stays collectable;
+:func:`release_lost`, its finalizer, gives the tokens back on the event loop. :data:`admitted`
+lists the admitted sessions for ``shutdown()`` and the stats; :data:`waiting` the tickets
+waiting for admission, since when; a forked child forgets those of its parent. :func:`admit`
+takes the tokens (waiting at most the admission timeout, and logging a wait longer than the
+gate's threshold on this module's logger), :func:`release` gives them back.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import logging
 import math
 import os
 import sys
+import time
 import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -26,6 +30,7 @@ from sqlalchemy.engine import Engine
 from ._exceptions import AdmissionTimeoutError
 
 if TYPE_CHECKING:
+    from ._capacity import Gate
     from ._offload import Offloader
 
 __all__ = [
@@ -44,6 +49,9 @@ logger = logging.getLogger(__name__)
 #: Admitted sessions (they may hold a connection), for ``shutdown()``, and their tickets.
 admitted: weakref.WeakKeyDictionary[Offloader, Ticket] = weakref.WeakKeyDictionary()
 
+#: Tickets waiting for admission now, and when (``time.monotonic()``) they began to wait.
+waiting: dict[Ticket, float] = {}
+
 
 def admitted_offloaders(engine: Engine) -> list[Offloader]:
     """The admitted sessions (those that may hold a connection) that use ``engine``."""
@@ -51,20 +59,27 @@ def admitted_offloaders(engine: Engine) -> list[Offloader]:
 
 
 class Ticket:
-    """What an admitted session borrows the maker's limiter token on behalf of.
+    """What an admitted session borrows its gate's tokens on behalf of.
 
-    Not the :class:`Offloader` itself: the limiter keeps its borrowers, and a session that was
+    Not the :class:`Offloader` itself: a limiter keeps its borrowers, and a session that was
     dropped without being closed must stay collectable, so that its connection goes back to the
-    pool and :func:`release_lost` gives its token back instead of losing it for good.
+    pool and :func:`release_lost` gives its tokens back instead of losing them for good.
     """
 
-    __slots__ = ("__weakref__", "held", "limiter", "schedule")
+    __slots__ = ("__weakref__", "gate", "schedule", "taken")
 
-    def __init__(self, limiter: anyio.CapacityLimiter) -> None:
-        self.limiter = limiter
-        self.held = False
+    def __init__(self, gate: Gate) -> None:
+        self.gate = gate
+        #: The limiters it holds a token of, in the order taken.
+        self.taken: list[anyio.CapacityLimiter] = []
         #: The event loop's thread-safe "call soon", set at the first admission.
         self.schedule: Callable[..., object] | None = None
+
+    def give_back(self) -> None:
+        """Release every token it holds (on the loop thread)."""
+        taken = self.taken
+        while taken:
+            taken.pop().release_on_behalf_of(self)
 
 
 def loop_scheduler() -> Callable[..., object]:
@@ -89,16 +104,16 @@ def would_block() -> tuple[type[Exception], ...]:
 
 
 def release_lost(ticket: Ticket) -> None:
-    """Finalizer of an Offloader: give back the token of a session dropped while admitted.
+    """Finalizer of an Offloader: give back the tokens of a session dropped while admitted.
 
     Runs wherever the garbage collector ran; the release itself is handed to the loop.
     """
-    if not ticket.held or ticket.schedule is None:
+    if not ticket.taken or ticket.schedule is None:
         return
-    ticket.held = False
+    taken, ticket.taken = ticket.taken, []  # (the session is gone: nobody else uses it)
     try:
-        ticket.schedule(ticket.limiter.release_on_behalf_of, ticket)
-    except RuntimeError:  # the loop has closed: its limiter is gone with it
+        ticket.schedule(_give_back_for, taken, ticket)
+    except RuntimeError:  # the loop has closed: its limiters are gone with it
         return
     logger.warning(
         "a ThreadpoolSession was garbage-collected while it held a transaction; its "
@@ -108,46 +123,93 @@ def release_lost(ticket: Ticket) -> None:
     )
 
 
+def _give_back_for(taken: list[anyio.CapacityLimiter], borrower: Ticket) -> None:
+    while taken:
+        taken.pop().release_on_behalf_of(borrower)
+
+
 async def admit(offloader: Offloader) -> None:
-    """Take a token of the session's limiter (sized to the pool): at once when one is free and
-    nobody is queued, else waiting at most its admission timeout."""
+    """Take a token of each limiter of the session's gate: at once when each has one free and
+    nobody queued, else waiting (in the gate's order) at most its admission timeout."""
     ticket = offloader.ticket
-    limiter = offloader.limiter
     if ticket is None:
-        ticket = offloader.ticket = Ticket(limiter)
+        ticket = offloader.ticket = Ticket(offloader.limiter)
         ticket.schedule = loop_scheduler()
         finalizer = weakref.finalize(offloader, release_lost, ticket)
         finalizer.atexit = False
+    limiters = ticket.gate.limiters
+    taken = ticket.taken
     try:  # capacity free and nobody queued: no trip round the loop, no cancel scope
-        limiter.acquire_on_behalf_of_nowait(ticket)
+        for limiter in limiters:
+            limiter.acquire_on_behalf_of_nowait(ticket)
+            taken.append(limiter)
     except would_block():
-        pass
+        await _wait(offloader, ticket, limiters)
     else:
-        offloader.is_admitted = ticket.held = True
+        offloader.is_admitted = True
         admitted[offloader] = ticket
-        return
+
+
+async def _wait(
+    offloader: Offloader, ticket: Ticket, limiters: tuple[anyio.CapacityLimiter, ...]
+) -> None:
+    """The slow path of :func:`admit`: wait for the tokens not taken yet, in order."""
     timeout = offloader.admission_timeout
-    with anyio.move_on_after(math.inf if timeout is None else timeout) as scope:
-        await limiter.acquire_on_behalf_of(ticket)
-        offloader.is_admitted = ticket.held = True
-        admitted[offloader] = ticket
-    if scope.cancelled_caught:
-        raise AdmissionTimeoutError(
-            f"No database connection became free within {timeout:g} s: all "
-            f"{limiter.total_tokens:g} connections of the pool are held by other "
-            "sessions. Keep scopes short, raise pool_size/max_overflow (the maker's limiter "
-            "follows the pool), or pass a larger admission_timeout to the maker."
-        )
+    started = waiting[ticket] = time.monotonic()
+    limiter = limiters[len(ticket.taken)]
+    outcome = "was cancelled"
+    try:
+        with anyio.move_on_after(math.inf if timeout is None else timeout) as scope:
+            for limiter in limiters[len(ticket.taken) :]:
+                await limiter.acquire_on_behalf_of(ticket)
+                ticket.taken.append(limiter)
+            offloader.is_admitted = True
+            admitted[offloader] = ticket
+            outcome = "was admitted"
+        if scope.cancelled_caught:
+            outcome = "gave up (admission_timeout)"
+            raise AdmissionTimeoutError(
+                f"No database connection became free within {timeout:g} s: "
+                f"{ticket.gate.describe(limiter)} is all held by other sessions. Keep scopes "
+                "short, raise pool_size/max_overflow (the engine's capacity follows the "
+                "pool), or pass a larger admission_timeout to the maker."
+            )
+    finally:
+        del waiting[ticket]
+        if not offloader.is_admitted:
+            ticket.give_back()  # the tokens taken before the one it waited for
+        threshold = ticket.gate.log_threshold
+        waited = time.monotonic() - started
+        if threshold is not None and waited >= threshold:
+            _log_wait(ticket.gate, limiter, waited, outcome)
+
+
+def _log_wait(gate: Gate, limiter: anyio.CapacityLimiter, waited: float, outcome: str) -> None:
+    total, in_use = int(limiter.total_tokens), limiter.borrowed_tokens
+    queued = limiter.statistics().tasks_waiting
+    logger.warning(
+        "a session waited %.3f s for a database connection and %s: %s, %d in use, %d waiting",
+        waited,
+        outcome,
+        gate.describe(limiter),
+        in_use,
+        queued,
+        extra={
+            "admission_wait": waited,
+            "capacity": total,
+            "in_use": in_use,
+            "waiting": queued,
+        },
+    )
 
 
 def release(offloader: Offloader) -> None:
-    """Give back the token of an admitted session (it holds no transaction any more)."""
+    """Give back the tokens of an admitted session (it holds no transaction any more)."""
     offloader.is_admitted = False
     admitted.pop(offloader, None)
     ticket = offloader.ticket
     assert ticket is not None
-    ticket.held = False
-    offloader.limiter.release_on_behalf_of(ticket)
+    ticket.give_back()
 
 
 # -- a forked child ----------------------------------------------------------------------------
@@ -169,18 +231,18 @@ def _after_fork_in_child() -> None:
     Their tasks and threads do not exist in the child, and their connections belong to the
     parent: ``shutdown()`` in the child must not cancel, sever or roll them back. So they are
     forgotten, their scope ended (using one raises :class:`SessionClosedError`), and the tokens
-    they had borrowed given back to their limiters (the maker's own limiter is replaced in the
-    child anyway; one passed with ``limiter=`` is kept).
+    they had borrowed given back to their limiters (the engines' capacities and the caps
+    makers made are replaced in the child anyway; a cap passed with ``limiter=`` is kept).
     """
     inherited = list(admitted.items())
     admitted.clear()
+    waiting.clear()
     for offloader, ticket in inherited:
         offloader.end_scope(_INHERITED)
         _inherited.append(offloader)
-        if ticket.held:
-            ticket.held = False
+        while ticket.taken:
             try:
-                ticket.limiter.release_on_behalf_of(ticket)
+                ticket.taken.pop().release_on_behalf_of(ticket)
             except Exception:  # it woke a waiter of a loop the child does not run
                 logger.debug("giving back a token after fork failed", exc_info=True)
 

@@ -27,6 +27,7 @@ from sqlalchemy.engine import Engine
 from ._connection import ThreadpoolConnection
 from ._exceptions import ConfigurationError
 from ._maker import threadpool_sessionmaker
+from ._stats import ThreadpoolStats, engine_stats
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import URL
@@ -67,10 +68,9 @@ class ThreadpoolEngine:
     """An ``AsyncEngine``-like facade over a sync :class:`~sqlalchemy.engine.Engine`.
 
     ``begin()`` and ``connect()`` give :class:`ThreadpoolConnection` objects whose IO runs in
-    worker threads, at most as many at once as the pool has connections. The engine's
-    connections share one limiter (also the engines :meth:`execution_options` derives); a
-    :func:`threadpool_sessionmaker` on the same engine has its own, so together they may
-    admit up to twice the pool size (the waiting then happens in pool checkout).
+    worker threads, at most as many at once as the pool has connections: its connections,
+    those of the engines :meth:`execution_options` derives, and the sessions of every
+    :func:`threadpool_sessionmaker` on the same engine share the engine's one capacity.
     """
 
     __slots__ = ("_maker", "sync_engine")
@@ -104,6 +104,10 @@ class ThreadpoolEngine:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.sync_engine.url!r})"
+
+    def stats(self) -> ThreadpoolStats:
+        """A snapshot of the engine's capacity: :func:`engine_stats` (``engine_stats(self)``)."""
+        return engine_stats(self.sync_engine)
 
     def connect(self) -> ThreadpoolConnection:
         """A :class:`ThreadpoolConnection`: ``async with engine.connect() as conn:``."""

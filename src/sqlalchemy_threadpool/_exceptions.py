@@ -19,7 +19,7 @@ wrapped and reach the caller unchanged (``except IntegrityError`` keeps working)
 
     UserWarning
     ├── BlockingOnEventLoopWarning  the guard's "warn" mode
-    └── ConfigurationWarning        a maker that works, but not as well as it could
+    └── ConfigurationWarning        a configuration that works, but not as it may look
 """
 
 from __future__ import annotations
@@ -92,4 +92,4 @@ class BlockingOnEventLoopWarning(UserWarning):
 
 
 class ConfigurationWarning(UserWarning):
-    """A session maker works, but is configured below what its pool allows."""
+    """A configuration works, but not as it may look (e.g. a late ``configure()``)."""

@@ -1,17 +1,15 @@
-"""``threadpool_sessionmaker``: configuration, the capacity limiter, and session creation.
+"""``threadpool_sessionmaker``: configuration, what it derives from its binds, and sessions.
 
 The maker is to :class:`ThreadpoolSession` what :class:`~sqlalchemy.ext.asyncio.async_sessionmaker`
-is to ``AsyncSession``. It owns one :class:`anyio.CapacityLimiter` sized to what the engine's
-pool can really hand out (invariant 6: the thread pool never outgrows the connection pool), and
-installs (through :mod:`._events`) on the sessions it makes the row pre-buffering and the
-event-loop guard.
+is to ``AsyncSession``. Its sessions are admitted against the capacity of their engine, sized to
+what the engine's pool can really hand out and shared by everything on that engine (invariant
+6: the thread pool never outgrows the connection pool; :mod:`._capacity`), within the maker's
+own ``limiter=`` cap if it has one. It installs (through :mod:`._events`) on the sessions it
+makes the row pre-buffering and the event-loop guard.
 """
 
 from __future__ import annotations
 
-import math
-import os
-import warnings
 import weakref
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, Literal, NamedTuple
@@ -19,20 +17,14 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, NamedTuple
 import anyio
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session, sessionmaker
-from sqlalchemy.pool import (
-    AssertionPool,
-    NullPool,
-    Pool,
-    QueuePool,
-    SingletonThreadPool,
-    StaticPool,
-)
+from sqlalchemy.pool import AssertionPool, QueuePool, SingletonThreadPool, StaticPool
 from typing_extensions import TypeVar
 
 from ._cancel import StatementCanceller, canceller_for
+from ._capacity import Gate, make_gate
 from ._events import install as install_events
 from ._events import watch_binds
-from ._exceptions import ConfigurationError, ConfigurationWarning
+from ._exceptions import ConfigurationError
 from ._guard import GuardMode
 from ._offload import CLEANUP_TIMEOUT, Offloader
 from ._session import ThreadpoolSession
@@ -43,6 +35,7 @@ if TYPE_CHECKING:
     from sqlalchemy.orm.session import _SessionBindKey
 
     from ._engine import ThreadpoolEngine
+    from ._stats import ThreadpoolStats
 
 __all__ = ["OffloadMode", "implicit_maker", "threadpool_sessionmaker"]
 
@@ -53,14 +46,15 @@ _TS = TypeVar("_TS", bound=ThreadpoolSession, default=ThreadpoolSession, covaria
 #: How a maker's sessions reach their worker threads (see ``offload=``).
 OffloadMode = Literal["worker", "anyio"]
 
-#: Tokens when the pool does not bound connections (NullPool, unlimited overflow): as many
-#: threads as anyio's own default limiter allows.
-UNBOUNDED_POOL_TOKENS = 40
+#: The most seconds of admission wait that go unlogged by default (``admission_log_threshold=
+#: "auto"``: a tenth of the admission timeout, at most this).
+ADMISSION_LOG_THRESHOLD = 1.0
 
 #: The maker's own options, given to the constructor and to ``configure()``.
 _OPTIONS = (
     "limiter",
     "admission_timeout",
+    "admission_log_threshold",
     "cancel_statements",
     "cleanup_timeout",
     "strict",
@@ -74,9 +68,10 @@ class _Settings(NamedTuple):
     """The maker's options and what it derived from them and its binds."""
 
     options: dict[str, Any]
-    limiter: anyio.CapacityLimiter
-    #: The binds and the ``limiter=`` option the limiter was made for.
-    limiter_key: tuple[tuple[Engine | Connection, ...], int | anyio.CapacityLimiter | None]
+    #: What a session takes to be admitted: the ``limiter=`` cap, its engines' capacities.
+    gate: Gate
+    #: The binds and the options the gate was made for.
+    gate_key: tuple[Any, ...]
     admission_timeout: float | None
     canceller: StatementCanceller | None
     workers: WorkerPool | None
@@ -94,16 +89,28 @@ class threadpool_sessionmaker(Generic[_TS]):
         ``ThreadpoolSession``); it is called as ``class_(maker=self, **local_kw)``.
     :param sync_session_class: the :class:`~sqlalchemy.orm.Session` class behind each session,
         as ``async_sessionmaker``'s; default ``class_.sync_session_class`` (``Session``).
-    :param limiter: how many sessions may hold a connection (and so run a worker thread) at
-        once: an ``int`` or an :class:`anyio.CapacityLimiter`. Defaults to what the pool can
-        really hand out: ``pool_size + max_overflow`` for a ``QueuePool``, 1 for a
-        single-connection pool, 40 for an unbounded one. A value above the pool's capacity is
-        an error (threads would wait in pool checkout); a value below it gets a warning.
+    :param limiter: a cap on how many of *this maker's* sessions may hold a connection (and so
+        run a worker thread) at once, within the engine's capacity: an ``int`` or an
+        :class:`anyio.CapacityLimiter` (shared by the makers given it). Every maker, session
+        and :class:`ThreadpoolEngine` connection on one engine shares the engine's capacity,
+        what its pool can really hand out (``pool_size + max_overflow`` for a ``QueuePool``, 1
+        for a single-connection pool, 40 for an unbounded one); without ``limiter=`` (the
+        default) the maker's sessions may take all of it. With it, a session takes the cap's
+        token, then the engine's: e.g. ``limiter=2`` on a job maker leaves the rest of the
+        pool to the request maker. A cap above the pool's capacity is an error (it could never
+        be reached: the engine's capacity follows the pool); the engine's own limiter (another
+        maker's ``.limiter``) means no cap.
     :param guard: what to do when a session's SQL is about to run on the event-loop thread:
         ``"raise"`` (default), ``"warn"`` or ``"off"``. See :func:`allow_blocking`.
     :param admission_timeout: seconds a session may wait for connection capacity before
         :class:`AdmissionTimeoutError`; ``"pool"`` (default) uses the pool's own ``timeout``
         (30 s unless configured), ``None`` waits forever.
+    :param admission_log_threshold: seconds; an admission wait that long or longer is logged
+        once, when it ends (admitted, timed out or cancelled), as a warning on the
+        ``sqlalchemy_threadpool._admission`` logger with the wait and the capacity, so a
+        saturated pool shows in the logs before timeouts do. ``"auto"`` (default): a tenth of
+        the admission timeout, at most 1 s (1 s with the pool's default 30 s); ``0`` logs
+        every wait; ``None`` never logs.
     :param cancel_statements: when an awaiting task is cancelled or times out, ask the database
         to stop the statement in flight (psycopg2 ``cancel()``, MySQL/MariaDB ``KILL QUERY``,
         sqlite3 and DuckDB ``interrupt()``). Default ``True``. See the cancellation docs.
@@ -137,6 +144,7 @@ class threadpool_sessionmaker(Generic[_TS]):
         limiter: int | anyio.CapacityLimiter | None = None,
         guard: GuardMode = "raise",
         admission_timeout: float | Literal["pool"] | None = "pool",
+        admission_log_threshold: float | Literal["auto"] | None = "auto",
         cancel_statements: bool = True,
         cleanup_timeout: float = CLEANUP_TIMEOUT,
         strict: bool = False,
@@ -151,6 +159,7 @@ class threadpool_sessionmaker(Generic[_TS]):
         if guard not in ("raise", "warn", "off"):
             raise ConfigurationError(f"guard must be 'raise', 'warn' or 'off', not {guard!r}.")
         session_kw.setdefault("expire_on_commit", False)
+        self._ref = weakref.ref(self)  # its sessions' gates name it so (for its stats)
         self.guard: GuardMode = guard
         self.class_: type[_TS] = class_
         #: The sync session class (``sync_session_class=``), before sessionmaker subclasses it.
@@ -158,6 +167,7 @@ class threadpool_sessionmaker(Generic[_TS]):
         options = {
             "limiter": limiter,
             "admission_timeout": admission_timeout,
+            "admission_log_threshold": admission_log_threshold,
             "cancel_statements": cancel_statements,
             "cleanup_timeout": cleanup_timeout,
             "strict": strict,
@@ -176,10 +186,14 @@ class threadpool_sessionmaker(Generic[_TS]):
 
     def open_sync_session(self, session_kw: dict[str, Any]) -> tuple[Session, Offloader]:
         """The sync session and its offloader, for ``ThreadpoolSession.__init__``."""
-        sync_session = self.sync_maker(**unwrap_binds(session_kw))
+        gate = self._settings.gate
+        if "bind" in session_kw or "binds" in session_kw:  # admitted on the session's engines
+            kw = {**self.sync_maker.kw, **unwrap_binds(session_kw)}
+            gate = gate.rebound(_binds_of(kw))
+        sync_session = self.sync_maker(**session_kw)
         offloader = Offloader(
             sync_session,
-            self.limiter,
+            gate,
             admission_timeout=self.admission_timeout,
             canceller=self._canceller,
             cleanup_timeout=self.cleanup_timeout,
@@ -202,20 +216,20 @@ class threadpool_sessionmaker(Generic[_TS]):
         Like :meth:`sqlalchemy.orm.sessionmaker.configure`: ``new_kw`` updates the arguments
         given to the maker (``bind=``, ``binds=``, ``expire_on_commit=``, any other
         :class:`~sqlalchemy.orm.Session` argument, and the maker's own ``limiter=``,
-        ``admission_timeout=``, ``cancel_statements=``, ``cleanup_timeout=``, ``strict=``,
-        ``offload=``, ``worker_idle_timeout=``, ``workers=``), and everything the maker
-        derives from them is derived again, exactly as by the constructor: the limiter from
-        the new pool, the in-memory SQLite / DuckDB checks, the pool's admission timeout, the
+        ``admission_timeout=``, ``admission_log_threshold=``, ``cancel_statements=``,
+        ``cleanup_timeout=``, ``strict=``, ``offload=``, ``worker_idle_timeout=``,
+        ``workers=``), and everything the maker derives from them is derived again, exactly
+        as by the constructor: the capacity of the new engine (shared with everything else
+        on it), the in-memory SQLite / DuckDB checks, the pool's admission timeout, the
         statement canceller for the new driver, the worker pool. What the constructor refuses
         is refused here with the same :class:`ConfigurationError`, and the maker is then left
-        unchanged. A ``limiter=`` given earlier still applies (``limiter=None`` follows the
-        new pool again); the limiter object is kept when neither the binds nor ``limiter=``
-        change. ``workers=`` replaces a ``worker_idle_timeout=`` given earlier and the other
-        way round; the maker's own pool is kept while its ``worker_idle_timeout=`` does not
-        change.
+        unchanged. A ``limiter=`` cap given earlier still applies (``limiter=None`` removes
+        it); a cap the maker made is kept when neither the binds nor ``limiter=`` change.
+        ``workers=`` replaces a ``worker_idle_timeout=`` given earlier and the other way
+        round; the maker's own pool is kept while its ``worker_idle_timeout=`` does not change.
 
-        Sessions made before keep their bind, their limiter (they give their token back to
-        the limiter they took it from), their canceller and their threads.
+        Sessions made before keep their bind, their admission (they give their tokens back to
+        the limiters they took them from), their canceller and their threads.
         ``shutdown(maker)`` reaches the sessions of the maker's *current* engine; pass the
         old engine to :func:`shutdown` for sessions still open on it. ``guard=`` and
         ``sync_session_class=`` cannot be changed: make a new maker.
@@ -250,24 +264,30 @@ class threadpool_sessionmaker(Generic[_TS]):
         if offload not in ("worker", "anyio"):
             raise ConfigurationError(f"offload must be 'worker' or 'anyio', not {offload!r}.")
         bind = session_kw.get("bind")
-        binds = [b for b in (bind, *(session_kw.get("binds") or {}).values()) if b is not None]
+        binds = _binds_of(session_kw)
         for each in binds:
             _check_sqlite_memory(each)
+        admission_timeout = options["admission_timeout"]
+        if admission_timeout == "pool":
+            admission_timeout = _pool_timeout(bind)
+        threshold = options["admission_log_threshold"]
+        if threshold == "auto":
+            threshold = ADMISSION_LOG_THRESHOLD
+            if isinstance(admission_timeout, (int, float)):
+                threshold = min(threshold, admission_timeout / 10)
         key = (tuple(binds), options["limiter"])
         current: _Settings | None = getattr(self, "_settings", None)
-        if current is not None and current.limiter_key == key:
-            limiter = current.limiter  # same binds, same limiter=: same capacity, same tokens
-        else:
-            limiter = _make_limiter(binds, options["limiter"])
-        admission_timeout = options["admission_timeout"]
+        gate = make_gate(binds, options["limiter"], log_threshold=threshold, owner=self._ref)
+        if current is not None and current.gate_key == key:  # validated, but keep the cap
+            gate = current.gate  # same binds, same limiter=: the same cap and its tokens
+            if gate.log_threshold != threshold:
+                gate = gate.copy(gate.capacities, threshold)
         workers = pool_for(options, current.workers if current is not None else None)
         return _Settings(
             options=options,
-            limiter=limiter,
-            limiter_key=key,
-            admission_timeout=(
-                _pool_timeout(bind) if admission_timeout == "pool" else admission_timeout
-            ),
+            gate=gate,
+            gate_key=key,
+            admission_timeout=admission_timeout,
             canceller=canceller_for(bind) if options["cancel_statements"] else None,
             workers=workers if offload == "worker" else None,
         )
@@ -275,11 +295,6 @@ class threadpool_sessionmaker(Generic[_TS]):
     def _adopt(self, settings: _Settings) -> None:
         self._settings = settings
         self._options: dict[str, Any] = settings.options
-        self.limiter: anyio.CapacityLimiter = settings.limiter
-        if isinstance(settings.options["limiter"], anyio.CapacityLimiter):
-            _own_limiters.discard(self)
-        else:
-            _own_limiters.add(self)  # a forked child gets a fresh one
         self.admission_timeout: float | None = settings.admission_timeout
         self.cancel_statements: bool = settings.options["cancel_statements"]
         self._canceller: StatementCanceller | None = settings.canceller
@@ -287,6 +302,33 @@ class threadpool_sessionmaker(Generic[_TS]):
         self.strict: bool = settings.options["strict"]
         self.offload: OffloadMode = settings.options["offload"]
         self._workers: WorkerPool | None = settings.workers
+        if settings.workers is not None:
+            for capacity in settings.gate.capacities:
+                capacity.pools.add(settings.workers)  # the engine's stats count its threads
+
+    @property
+    def limiter(self) -> anyio.CapacityLimiter:
+        """The limiter that bounds this maker's sessions: its ``limiter=`` cap if it has one,
+        else its engine's capacity, shared by everything on the engine (with several engines,
+        the smallest)."""
+        return self._settings.gate.limiter
+
+    @property
+    def admission_log_threshold(self) -> float | None:
+        """Seconds of admission wait from which a wait is logged (``None``: never)."""
+        return self._settings.gate.log_threshold
+
+    def stats(self) -> ThreadpoolStats:
+        """A snapshot of this maker's admission and threads: see :class:`ThreadpoolStats`.
+
+        ``capacity`` and ``in_use`` are those of :attr:`limiter` (the engine's capacity,
+        shared, unless the maker has a ``limiter=`` cap); ``waiting``, ``longest_wait`` and
+        ``in_flight`` count this maker's sessions; ``threads`` its worker pool's threads.
+        Cheap (no IO, no lock held), for a scrape every second.
+        """
+        from ._stats import maker_stats  # it imports this module
+
+        return maker_stats(self)
 
     def __repr__(self) -> str:
         return (
@@ -346,86 +388,11 @@ def implicit_maker(
     return maker
 
 
-#: Makers whose limiter they made themselves (not one passed with ``limiter=``).
-_own_limiters: weakref.WeakSet[threadpool_sessionmaker[Any]] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    """A forked child: each maker's own limiter is replaced by a fresh one of the same size.
-
-    The parent's tokens were borrowed by tasks that do not exist in the child, tasks of loops
-    it does not run may be queued in it, and it may be bound to the parent's event loop
-    library (anyio binds a limiter to the first one that uses it) while the child runs another.
-    """
-    for maker in list(_own_limiters):
-        maker.limiter = anyio.CapacityLimiter(maker.limiter.total_tokens)
-        maker._settings = maker._settings._replace(limiter=maker.limiter)
-
-
-if hasattr(os, "register_at_fork"):  # not on Windows, which does not fork
-    os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
 def engine_of(bind: Engine | Connection | None) -> Engine | None:
     """The engine behind a maker's ``bind``."""
     if isinstance(bind, Connection):
         return bind.engine
     return bind
-
-
-def pool_capacity(bind: Engine | Connection | None) -> float | None:
-    """How many connections the bind can hand out at once (``math.inf``: no bound)."""
-    if isinstance(bind, Connection):
-        return 1
-    if bind is None:
-        return None
-    pool: Pool = bind.pool
-    if isinstance(pool, QueuePool):
-        overflow = pool._max_overflow
-        return math.inf if overflow < 0 else pool.size() + overflow
-    if isinstance(pool, (StaticPool, AssertionPool)):
-        return 1
-    if isinstance(pool, SingletonThreadPool):
-        return pool.size
-    if isinstance(pool, NullPool):
-        return math.inf
-    return None
-
-
-def _make_limiter(
-    binds: list[Engine | Connection], limiter: int | anyio.CapacityLimiter | None
-) -> anyio.CapacityLimiter:
-    """The limiter of a maker whose sessions use ``binds``: the smallest pool bounds it."""
-    capacities = [c for c in map(pool_capacity, binds) if c is not None]
-    capacity = min(capacities) if capacities else None
-    if limiter is None:
-        if capacity is None or capacity == math.inf:
-            return anyio.CapacityLimiter(UNBOUNDED_POOL_TOKENS)
-        return anyio.CapacityLimiter(int(capacity))
-    if isinstance(limiter, bool) or not isinstance(limiter, (int, anyio.CapacityLimiter)):
-        raise ConfigurationError(
-            f"limiter must be an int or an anyio.CapacityLimiter, not {type(limiter).__name__}."
-        )
-    tokens = limiter if isinstance(limiter, int) else limiter.total_tokens
-    if tokens < 1:
-        raise ConfigurationError(f"limiter must allow at least 1 session, not {tokens}.")
-    if capacity is not None and tokens > capacity:
-        raise ConfigurationError(
-            f"limiter={tokens:g} is larger than the connection pool ({capacity:g} connections: "
-            "pool_size + max_overflow). Sessions admitted beyond the pool would block worker "
-            "threads in pool checkout and can deadlock. Omit limiter= (or pass limiter=None "
-            "to configure()) to follow the pool, or grow the pool "
-            "(create_engine(..., pool_size=N, max_overflow=M))."
-        )
-    if capacity is not None and tokens < capacity and capacity != math.inf:
-        warnings.warn(
-            f"limiter={tokens:g} is smaller than the connection pool ({capacity:g} "
-            "connections): at most that many sessions will run at once and the rest of the "
-            "pool stays idle. Omit limiter= to follow the pool.",
-            ConfigurationWarning,
-            stacklevel=4,  # _make_limiter < _settle < __init__ or configure() < the caller
-        )
-    return limiter if isinstance(limiter, anyio.CapacityLimiter) else anyio.CapacityLimiter(tokens)
 
 
 def _pool_timeout(bind: Engine | Connection | None) -> float:
@@ -469,6 +436,12 @@ def _check_duckdb_memory(engine: Engine) -> None:
         "or one shared connection, create_engine('duckdb:///:memory:', poolclass=StaticPool), "
         "or a database file."
     )
+
+
+def _binds_of(kw: dict[str, Any]) -> list[Engine | Connection]:
+    """The binds a session made with these sessionmaker arguments may use."""
+    bind = kw.get("bind")
+    return [b for b in (bind, *(kw.get("binds") or {}).values()) if b is not None]
 
 
 def unwrap_binds(kw: dict[str, Any]) -> dict[str, Any]:

@@ -52,6 +52,7 @@ from ._recovery import SHUTDOWN, discard, fail, recover, stop_for_shutdown, to_t
 
 if TYPE_CHECKING:
     from ._cancel import StatementCanceller
+    from ._capacity import Gate
     from ._worker import Worker, WorkerPool
 
 __all__ = ["CLEANUP_TIMEOUT", "Offloader"]
@@ -89,7 +90,7 @@ class Offloader:
     def __init__(
         self,
         session: Session,
-        limiter: anyio.CapacityLimiter,
+        limiter: Gate,  # what admission takes (the maker's cap, its engines' capacities)
         *,
         admission_timeout: float | None,
         canceller: StatementCanceller | None,

@@ -39,7 +39,7 @@ class WorkerPool:
     A forked child starts with empty pools (it has none of its parent's threads).
     """
 
-    __slots__ = ("__weakref__", "_idle", "_idle_timeout", "_lock")
+    __slots__ = ("__weakref__", "_alive", "_idle", "_idle_timeout", "_lock")
 
     def __init__(self, idle_timeout: float = IDLE_TIMEOUT) -> None:
         if isinstance(idle_timeout, bool) or not idle_timeout > 0:
@@ -49,6 +49,7 @@ class WorkerPool:
         self._idle_timeout = float(idle_timeout)
         self._lock = threading.Lock()
         self._idle: list[Worker] = []
+        self._alive = 0  # threads started and not retired (guarded by ``_lock``)
         _live_pools.add(self)  # the fork hook resets it in a child
 
     @property
@@ -62,6 +63,11 @@ class WorkerPool:
         with self._lock:
             return len(self._idle)
 
+    @property
+    def threads(self) -> int:
+        """How many threads are alive: lent to a session, or idle in the pool."""
+        return self._alive
+
     def stop_idle(self) -> int:
         """Make every idle thread exit now; return how many there were. Busy ones are kept."""
         with self._lock:
@@ -71,7 +77,10 @@ class WorkerPool:
         return len(idle)
 
     def __repr__(self) -> str:
-        return f"WorkerPool(idle_timeout={self._idle_timeout:g}, idle={len(self._idle)})"
+        return (
+            f"WorkerPool(idle_timeout={self._idle_timeout:g}, threads={self._alive}, "
+            f"idle={len(self._idle)})"
+        )
 
     def acquire(self, owner: object) -> Worker:
         """A worker thread of ``owner``'s own until :meth:`release`; started if none is idle."""
@@ -80,8 +89,14 @@ class WorkerPool:
                 worker = self._idle.pop()  # the most recently used: its siblings may time out
                 worker.owner = weakref.ref(owner)
                 return worker
+            self._alive += 1
         # Outside the lock: starting a thread waits until it runs.
-        return Worker(self, weakref.ref(owner))
+        try:
+            return Worker(self, weakref.ref(owner))
+        except BaseException:
+            with self._lock:
+                self._alive -= 1
+            raise
 
     def release(self, worker: Worker) -> None:
         """Give ``worker`` back; it must have no call in flight."""
@@ -99,16 +114,19 @@ class WorkerPool:
         Either way the pool is done with the thread's eventfds before the thread closes them.
         """
         with self._lock:
+            leaves = True
             if worker._stopping:
-                return True
-            if worker.owner is None:  # idle: in the list until now
+                pass
+            elif worker.owner is None:  # idle: in the list until now
                 if worker in self._idle:
                     self._idle.remove(worker)
-                return True
-            if worker.owner() is None:  # lent to a session that no longer exists
+            elif worker.owner() is None:  # lent to a session that no longer exists
                 worker.owner = None
-                return True
-            return False
+            else:
+                leaves = False
+            if leaves:
+                self._alive -= 1
+            return leaves
 
 
 #: Every pool alive in the process (the default one and those of makers and applications).
@@ -128,6 +146,7 @@ def _forget_threads_after_fork() -> None:
     for pool in list(_live_pools):
         pool._lock = threading.Lock()
         pool._idle = []
+        pool._alive = 0
 
 
 if hasattr(os, "register_at_fork"):
