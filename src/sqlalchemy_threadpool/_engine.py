@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any, cast
 
 import anyio
 from sqlalchemy import create_engine, engine_from_config
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.pool import StaticPool
 
 from ._connection import ThreadpoolConnection
 from ._exceptions import ConfigurationError
@@ -53,15 +54,44 @@ def create_threadpool_engine(url: str | URL, **kw: Any) -> ThreadpoolEngine:
 
     ``kw`` are :func:`~sqlalchemy.create_engine`'s (``pool_size``, ``max_overflow``, ``echo``,
     ...). The pool's capacity bounds the engine's worker threads.
+
+    An in-memory SQLite URL (``"sqlite://"``, ``"sqlite:///:memory:"``) gets, unless ``kw``
+    chooses a pool, what SQLAlchemy's aiosqlite dialect gives it: one connection shared by
+    every session and thread of the engine (:class:`~sqlalchemy.pool.StaticPool`, with
+    ``check_same_thread=False``), so there is one database, and one session at a time uses it.
     """
-    return ThreadpoolEngine(create_engine(url, **kw))
+    return ThreadpoolEngine(create_engine(url, **_memory_sqlite_defaults(make_url(url), kw)))
 
 
 def threadpool_engine_from_config(
     configuration: dict[str, Any], prefix: str = "sqlalchemy.", **kw: Any
 ) -> ThreadpoolEngine:
-    """``async_engine_from_config``'s twin: :func:`sqlalchemy.engine_from_config`, wrapped."""
+    """``async_engine_from_config``'s twin: :func:`sqlalchemy.engine_from_config`, wrapped.
+
+    An in-memory SQLite URL is configured as by :func:`create_threadpool_engine`.
+    """
+    url = configuration.get(f"{prefix}url")
+    if url is not None and not any(f"{prefix}{key}" in configuration for key in _POOL_CHOICES):
+        kw = _memory_sqlite_defaults(make_url(url), kw)
     return ThreadpoolEngine(engine_from_config(configuration, prefix, **kw))
+
+
+#: ``create_engine`` arguments by which a user chooses the pool (then we choose nothing).
+_POOL_CHOICES = ("poolclass", "pool", "creator")
+
+
+def _memory_sqlite_defaults(url: URL, kw: dict[str, Any]) -> dict[str, Any]:
+    """``kw`` plus StaticPool and ``check_same_thread=False`` for an in-memory SQLite URL.
+
+    SQLAlchemy's pysqlite dialect would pick a ``SingletonThreadPool``: one connection, so one
+    private empty database, per thread; our sessions run in several worker threads.
+    """
+    if url.get_backend_name() != "sqlite" or any(key in kw for key in _POOL_CHOICES):
+        return kw
+    if url.database not in (None, "", ":memory:") and url.query.get("mode") != "memory":
+        return kw  # a file: pysqlite's QueuePool, one connection per thread
+    connect_args = {"check_same_thread": False, **kw.get("connect_args", {})}
+    return {**kw, "poolclass": StaticPool, "connect_args": connect_args}
 
 
 class ThreadpoolEngine:

@@ -414,7 +414,8 @@ def _check_sqlite_memory(bind: Engine | Connection | None) -> None:
         raise ConfigurationError(
             "This SQLite engine is in memory with SingletonThreadPool, which gives every "
             "thread its own empty database: tables created in one worker thread would be "
-            "missing in the next. Share one connection across threads instead:\n"
+            "missing in the next. Share one connection across threads instead: "
+            "create_threadpool_engine('sqlite://') does it for you, or\n"
             "    create_engine('sqlite://', poolclass=StaticPool, "
             "connect_args={'check_same_thread': False})\n"
             "(from sqlalchemy.pool import StaticPool), or use a file database."

@@ -248,7 +248,7 @@ class Offloader:
             self.check_usable()
 
     def _release_if_idle(self) -> None:
-        if self.session.in_transaction():
+        if _holds_connection(self.session):
             return
         if self.is_admitted:
             release(self)
@@ -317,6 +317,13 @@ class Offloader:
             if self.session.in_transaction():
                 await discard(self, invalidate=False)
             self._release_if_idle()
+
+
+def _holds_connection(session: Session) -> bool:
+    """Whether the session's transaction has a connection (one that never ran SQL has none,
+    e.g. after ``merge(load=False)``: it keeps no capacity and no thread)."""
+    transaction = session.get_transaction()
+    return transaction is not None and bool(transaction._connections)
 
 
 def _current_task() -> tuple[int, str] | None:

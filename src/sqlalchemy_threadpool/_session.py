@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from sqlalchemy.sql.base import Executable
     from sqlalchemy.sql.selectable import TypedReturnsRows
 
+    from ._engine import ThreadpoolEngine
     from ._maker import threadpool_sessionmaker
 
     #: Only names the types of AsyncSession's bound methods (see ``execute``); never exists.
@@ -85,16 +86,17 @@ class ThreadpoolSession:
 
     def __init__(
         self,
-        bind: Engine | Connection | None = None,
+        bind: Engine | Connection | ThreadpoolEngine | None = None,
         *,
-        binds: dict[Any, Engine | Connection] | None = None,
+        binds: dict[Any, Engine | Connection | ThreadpoolEngine] | None = None,
         sync_session_class: type[Session] | None = None,
         maker: threadpool_sessionmaker[Any] | None = None,
         **kw: Any,
     ) -> None:
         """Make a session: ``kw`` goes to the sync session, as ``AsyncSession(...)``'s.
 
-        :param bind: the engine (or connection) of the session.
+        :param bind: the engine (or connection) of the session; a
+            :class:`ThreadpoolEngine` means its sync engine.
         :param binds: per-entity binds, as :class:`~sqlalchemy.orm.Session`'s.
         :param sync_session_class: the :class:`~sqlalchemy.orm.Session` class to use.
         :param maker: the :class:`threadpool_sessionmaker` whose configuration (limiter,
@@ -103,10 +105,15 @@ class ThreadpoolSession:
             on first use exactly as ``threadpool_sessionmaker(bind, binds=binds,
             sync_session_class=sync_session_class)`` would be.
         """
-        if maker is None:
-            from ._maker import implicit_maker  # the maker module imports this one
+        from ._maker import implicit_maker, unwrap_binds  # the maker module imports this one
 
-            maker = implicit_maker(bind, binds, sync_session_class or self.sync_session_class)
+        unwrapped = unwrap_binds({"bind": bind, "binds": binds})
+        sync_bind: Engine | Connection | None = unwrapped["bind"]
+        sync_binds: dict[Any, Engine | Connection] | None = unwrapped["binds"]
+        if maker is None:
+            maker = implicit_maker(
+                sync_bind, sync_binds, sync_session_class or self.sync_session_class
+            )
         elif sync_session_class is not None and sync_session_class is not maker.sync_class:
             raise ConfigurationError(
                 "sync_session_class= cannot differ from the maker's: its listeners are "
@@ -114,10 +121,10 @@ class ThreadpoolSession:
                 "threadpool_sessionmaker(..., sync_session_class=...) instead."
             )
         session_kw = dict(kw)
-        if bind is not None:
-            session_kw["bind"] = bind
-        if binds is not None:
-            session_kw["binds"] = binds
+        if sync_bind is not None:
+            session_kw["bind"] = sync_bind
+        if sync_binds is not None:
+            session_kw["binds"] = sync_binds
         self.sync_session, self._offloader = maker.open_sync_session(session_kw)
         self.sync_session_class = maker.sync_class
         self.maker = maker
