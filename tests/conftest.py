@@ -31,6 +31,8 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import NullPool
 
 from models import Base
+from scaleout import ThrowawayPgBouncer, start_pgbouncer
+from servers import ServerError
 
 pytest.register_assert_rewrite("helpers")  # helpers' asserts report their values, too
 
@@ -207,7 +209,13 @@ def db_url(
     database: str = request.param
     if database == "sqlite":
         return f"sqlite:///{tmp_path}/test.db"
+    return _process_url(database, _process_databases)
 
+
+def _process_url(
+    database: str, _process_databases: dict[str, tuple[str | None, str | None]]
+) -> str:
+    """This process's database on ``database``'s server; fail under ``CI``, else skip."""
     url = _server_url(database)
     if url not in _process_databases:
         try:
@@ -254,3 +262,32 @@ def other_engine(db_url: str, engine: Engine) -> Iterator[Engine]:
 @pytest.fixture
 def dialect_name(engine: Engine) -> str:
     return engine.dialect.name
+
+
+# -- scale-out: PgBouncer in front of the PostgreSQL test server (tests/scaleout.py) ---------
+
+
+@pytest.fixture(scope="session")
+def postgresql_url(_process_databases: dict[str, tuple[str | None, str | None]]) -> str:
+    """This process's database on the PostgreSQL test server, for session-scoped fixtures."""
+    return _process_url("postgresql", _process_databases)
+
+
+@pytest.fixture(scope="session")
+def pgbouncer(postgresql_url: str) -> Iterator[ThrowawayPgBouncer]:
+    """A PgBouncer of this test session, in transaction mode, in front of ``postgresql_url``.
+
+    Its ``default_pool_size`` is 4. Fails under ``CI`` when it cannot start (``pgbouncer`` not
+    installed: ``apt-get install pgbouncer``), else the tests that use it are skipped.
+    """
+    try:
+        bouncer = start_pgbouncer(postgresql_url, pool_size=4)
+    except ServerError as exc:
+        message = f"no PgBouncer for the scale-out tests: {exc}"
+        if os.environ.get("CI"):
+            pytest.fail(f"{message}\nCI never skips these tests.", pytrace=False)
+        pytest.skip(message)
+    try:
+        yield bouncer
+    finally:
+        bouncer.close()
