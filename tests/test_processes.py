@@ -112,7 +112,7 @@ async def wait_until_serving(base: str, process: subprocess.Popen[bytes], log: P
             while True:
                 if process.poll() is not None:
                     output = await anyio.Path(log).read_text(errors="replace")
-                    raise AssertionError(f"{process.args} exited:\n{output[-3000:]}")
+                    raise AssertionError(f"{process.args!r} exited:\n{output[-3000:]}")
                 try:
                     if (await client.get("/items/none")).status_code == 404:
                         return
