@@ -145,7 +145,7 @@ def _dead_process_databases(conn: Connection, host: str | None) -> list[str]:
     names = conn.scalars(text(query), {"pattern": "satp_test_%"}).all()
     dead = []
     for name in names:
-        match = re.fullmatch(r"satp_test_(\d+)", name)
+        match = re.fullmatch(r"satp_test_(\d+)(?:_pgbouncer)?", name)
         if match and int(match[1]) != os.getpid() and not _process_alive(int(match[1])):
             dead.append(name)
     return dead
@@ -275,19 +275,33 @@ def postgresql_url(_process_databases: dict[str, tuple[str | None, str | None]])
 
 @pytest.fixture(scope="session")
 def pgbouncer(postgresql_url: str) -> Iterator[ThrowawayPgBouncer]:
-    """A PgBouncer of this test session, in transaction mode, in front of ``postgresql_url``.
+    """A PgBouncer of this test session, in transaction mode, on the PostgreSQL test server.
 
-    Its ``default_pool_size`` is 4. Fails under ``CI`` when it cannot start (``pgbouncer`` not
-    installed: ``apt-get install pgbouncer``), else the tests that use it are skipped.
+    In front of a database of its own, ``satp_test_<pid>_pgbouncer`` (``pgbouncer.upstream``),
+    so that the server connections it keeps open are never seen by the tests that count the
+    connections to ``postgresql_url``'s database. Its ``default_pool_size`` is 4. Fails under
+    ``CI`` when it cannot start (``pgbouncer`` not installed: ``apt-get install pgbouncer``),
+    else the tests that use it are skipped.
     """
+    database = f"{PROCESS_DATABASE}_pgbouncer"
+    with _admin_connection(postgresql_url) as conn:
+        _drop_database(conn, database)
+        conn.execute(text(f"CREATE DATABASE {database}"))
     try:
-        bouncer = start_pgbouncer(postgresql_url, pool_size=4)
-    except ServerError as exc:
-        message = f"no PgBouncer for the scale-out tests: {exc}"
-        if os.environ.get("CI"):
-            pytest.fail(f"{message}\nCI never skips these tests.", pytrace=False)
-        pytest.skip(message)
-    try:
-        yield bouncer
+        try:
+            bouncer = start_pgbouncer(
+                make_url(postgresql_url).set(database=database).render_as_string(False),
+                pool_size=4,
+            )
+        except ServerError as exc:
+            message = f"no PgBouncer for the scale-out tests: {exc}"
+            if os.environ.get("CI"):
+                pytest.fail(f"{message}\nCI never skips these tests.", pytrace=False)
+            pytest.skip(message)
+        try:
+            yield bouncer
+        finally:
+            bouncer.close()
     finally:
-        bouncer.close()
+        with _admin_connection(postgresql_url) as conn:
+            _drop_database(conn, database)

@@ -91,6 +91,11 @@ class ThrowawayPgBouncer:
                 shutil.chown(path, self.user)
         self._process: subprocess.Popen[bytes] | None = None
 
+    @property
+    def direct_url(self) -> str:
+        """The upstream URL: the same database, seen directly (not through PgBouncer)."""
+        return self.upstream.render_as_string(hide_password=False)
+
     def url(self, database: str | None = None) -> str:
         """The upstream URL (its database, or ``database``), through PgBouncer."""
         url = self.upstream.set(host="127.0.0.1", port=self.port)

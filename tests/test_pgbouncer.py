@@ -44,9 +44,9 @@ PROMPT = 10
 
 
 @pytest.fixture
-def observer(postgresql_url: str) -> Iterator[Engine]:
-    """The test database seen directly (not through PgBouncer), with fresh tables."""
-    eng = create_engine(postgresql_url, poolclass=NullPool)
+def observer(pgbouncer: ThrowawayPgBouncer) -> Iterator[Engine]:
+    """PgBouncer's database seen directly (not through PgBouncer), with fresh tables."""
+    eng = create_engine(pgbouncer.direct_url, poolclass=NullPool)
     with eng.begin() as conn:
         Base.metadata.drop_all(conn)
         Base.metadata.create_all(conn)
@@ -142,7 +142,7 @@ async def test_stream_inside_the_transaction_works_through_pgbouncer(
 
 
 async def test_a_cursor_outside_a_transaction_is_refused_by_psycopg2(
-    pgbouncer: ThrowawayPgBouncer, postgresql_url: str, observer: Engine
+    pgbouncer: ThrowawayPgBouncer, observer: Engine
 ) -> None:
     """AUTOCOMMIT: no transaction to keep the cursor in, so no stream (the documented limit).
 

@@ -50,10 +50,10 @@ COMMANDS = {
 
 
 @pytest.fixture
-def table(pgbouncer: ThrowawayPgBouncer, postgresql_url: str) -> Iterator[Engine]:
+def table(pgbouncer: ThrowawayPgBouncer) -> Iterator[Engine]:
     """The example's table, empty, seen directly on the server."""
     app = load_example("scale_app")
-    observer = create_engine(postgresql_url, poolclass=NullPool)
+    observer = create_engine(pgbouncer.direct_url, poolclass=NullPool)
     app.Base.metadata.drop_all(observer)
     app.Base.metadata.create_all(observer)
     try:
