@@ -31,6 +31,8 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import NullPool
 
 from models import Base
+from scaleout import ThrowawayPgBouncer, start_pgbouncer
+from servers import ServerError
 
 pytest.register_assert_rewrite("helpers")  # helpers' asserts report their values, too
 
@@ -143,7 +145,7 @@ def _dead_process_databases(conn: Connection, host: str | None) -> list[str]:
     names = conn.scalars(text(query), {"pattern": "satp_test_%"}).all()
     dead = []
     for name in names:
-        match = re.fullmatch(r"satp_test_(\d+)", name)
+        match = re.fullmatch(r"satp_test_(\d+)(?:_pgbouncer)?", name)
         if match and int(match[1]) != os.getpid() and not _process_alive(int(match[1])):
             dead.append(name)
     return dead
@@ -207,7 +209,13 @@ def db_url(
     database: str = request.param
     if database == "sqlite":
         return f"sqlite:///{tmp_path}/test.db"
+    return _process_url(database, _process_databases)
 
+
+def _process_url(
+    database: str, _process_databases: dict[str, tuple[str | None, str | None]]
+) -> str:
+    """This process's database on ``database``'s server; fail under ``CI``, else skip."""
     url = _server_url(database)
     if url not in _process_databases:
         try:
@@ -254,3 +262,46 @@ def other_engine(db_url: str, engine: Engine) -> Iterator[Engine]:
 @pytest.fixture
 def dialect_name(engine: Engine) -> str:
     return engine.dialect.name
+
+
+# -- scale-out: PgBouncer in front of the PostgreSQL test server (tests/scaleout.py) ---------
+
+
+@pytest.fixture(scope="session")
+def postgresql_url(_process_databases: dict[str, tuple[str | None, str | None]]) -> str:
+    """This process's database on the PostgreSQL test server, for session-scoped fixtures."""
+    return _process_url("postgresql", _process_databases)
+
+
+@pytest.fixture(scope="session")
+def pgbouncer(postgresql_url: str) -> Iterator[ThrowawayPgBouncer]:
+    """A PgBouncer of this test session, in transaction mode, on the PostgreSQL test server.
+
+    In front of a database of its own, ``satp_test_<pid>_pgbouncer`` (``pgbouncer.upstream``),
+    so that the server connections it keeps open are never seen by the tests that count the
+    connections to ``postgresql_url``'s database. Its ``default_pool_size`` is 4. Fails under
+    ``CI`` when it cannot start (``pgbouncer`` not installed: ``apt-get install pgbouncer``),
+    else the tests that use it are skipped.
+    """
+    database = f"{PROCESS_DATABASE}_pgbouncer"
+    with _admin_connection(postgresql_url) as conn:
+        _drop_database(conn, database)
+        conn.execute(text(f"CREATE DATABASE {database}"))
+    try:
+        try:
+            bouncer = start_pgbouncer(
+                make_url(postgresql_url).set(database=database).render_as_string(False),
+                pool_size=4,
+            )
+        except ServerError as exc:
+            message = f"no PgBouncer for the scale-out tests: {exc}"
+            if os.environ.get("CI"):
+                pytest.fail(f"{message}\nCI never skips these tests.", pytrace=False)
+            pytest.skip(message)
+        try:
+            yield bouncer
+        finally:
+            bouncer.close()
+    finally:
+        with _admin_connection(postgresql_url) as conn:
+            _drop_database(conn, database)

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, create_engine, text
 
+from scaleout import ThrowawayPgBouncer
 from sqlalchemy_threadpool.cli import main
 from sqlalchemy_threadpool.cli._doctor import _recommendations, _table
 
@@ -41,6 +42,8 @@ TOP_KEYS = {
     "loop_lag",
     "backend",
     "recommendations",
+    "pgbouncer",
+    "budget",
 }
 
 
@@ -294,6 +297,10 @@ def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
         main(["doctor", "sqlite://", "--samples", "0"])
     assert info.value.code == 2
     assert "--samples must be at least 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        main(["doctor", "sqlite://", "--processes", "0"])
+    assert info.value.code == 2
+    assert "--processes must be at least 1" in capsys.readouterr().err
 
 
 def test_failure_from_a_subprocess_is_one_line(tmp_path: Path) -> None:
@@ -407,3 +414,106 @@ def test_kill_query_without_a_spare_connection_is_diagnosed(
     )
     assert "loop_lag" in report
     assert "error" not in report["loop_lag"]
+
+
+# -- deploying at scale: PgBouncer and --processes ----------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_pgbouncer_is_recognised_and_explained(
+    capsys: pytest.CaptureFixture[str], pgbouncer: ThrowawayPgBouncer, backend: str
+) -> None:
+    """Through the tests' PgBouncer: found, its pool read, cancel works, the lag is measured.
+
+    Measuring the lag with queries run on the loop used to hang behind PgBouncer: with more
+    tasks than its server connections, a blocked loop could not end the transactions the
+    others waited for.
+    """
+    report = doctor_json(
+        capsys, pgbouncer.url(), "--backend", backend, "--processes", "4", "--pool-size", "5"
+    )
+    check_report_shape(report)
+    bouncer = report["pgbouncer"]
+    assert bouncer["detected"] is True
+    assert bouncer["proxy"] is True
+    assert bouncer["version"].startswith("PgBouncer ")
+    assert (bouncer["pool_mode"], bouncer["pool_size"]) == ("transaction", 4)
+    assert bouncer["max_client_conn"] == 200
+    assert report["cancel"]["works"] is True  # psycopg2's cancel, forwarded by PgBouncer
+    assert report["budget"] == {
+        "processes": 4,
+        "per_process": 15,
+        "cancel_connections": 4,
+        "needed": 64,
+        "limit": 200,
+        "limited_by": "max_client_conn",
+        "fits": True,
+    }
+    advice = [item for item in report["recommendations"] if item.startswith("PgBouncer")]
+    assert len(advice) == 1
+    assert "pool_mode = transaction" in advice[0]
+    assert "4 server connections" in advice[0]
+    assert "forwards it" in advice[0]  # what it means for cancel
+    assert "prepared statements" in advice[0]
+
+
+def test_pgbouncer_row_in_the_table(
+    capsys: pytest.CaptureFixture[str], pgbouncer: ThrowawayPgBouncer
+) -> None:
+    status, out, _ = doctor(capsys, pgbouncer.url(), *FAST, "--processes", "100")
+    assert status == 0
+    rows = {line.split("  ")[1]: line for line in out.splitlines() if line.startswith("  ")}
+    assert "pool_mode transaction, 4 server connections" in rows["pgbouncer"]
+    assert (
+        "100 x 15 pooled + 100 for cancel = 1600 of 200 (max_client_conn): TOO MANY"
+        in (rows["connection budget"])
+    )
+    assert "raise PgBouncer's max_client_conn to at least 1600" in out
+
+
+def test_the_budget_of_many_processes_against_max_connections(
+    capsys: pytest.CaptureFixture[str], postgresql_url: str
+) -> None:
+    """Directly on PostgreSQL: no proxy, and more processes than max_connections allows."""
+    report = doctor_json(capsys, postgresql_url, "--processes", "50", "--pool-size", "10")
+    assert report["pgbouncer"] == {
+        "proxy": False,
+        "detected": False,
+        "version": None,
+        "pool_mode": None,
+        "pool_size": None,
+        "max_client_conn": None,
+        "error": None,
+    }
+    budget = report["budget"]
+    limit = report["server_limits"]["max_connections"]
+    assert limit < 50 * 21
+    assert budget == {
+        "processes": 50,
+        "per_process": 20,
+        "cancel_connections": 50,
+        "needed": 50 * 21,
+        "limit": limit,
+        "limited_by": "max_connections",
+        "fits": False,
+    }
+    (advice,) = [item for item in report["recommendations"] if "50 processes need" in item]
+    size = limit // 50 - 1
+    if size >= 1:
+        assert f"pool_size={size}, max_overflow=0" in advice
+        assert 50 * (size + 1) <= limit  # the advice fits
+    else:
+        assert "run fewer processes" in advice
+    assert "put PgBouncer (pool_mode = transaction) in front" in advice
+
+
+def test_one_process_that_fits_says_nothing_about_the_budget(
+    capsys: pytest.CaptureFixture[str], engine: Engine, db_url: str
+) -> None:
+    report = doctor_json(capsys, db_url, "--pool-size", "2")
+    budget = report["budget"]
+    assert budget["processes"] == 1
+    assert budget["needed"] == 12 + budget["cancel_connections"]
+    assert budget["fits"] in (True, None)  # None: SQLite, no limit
+    assert report["pgbouncer"] is None or report["pgbouncer"]["detected"] is False
+    assert not any("processes need" in item for item in report["recommendations"])

@@ -46,6 +46,7 @@ from ._probe import (
     server_limits,
     sqlite_journal_mode,
 )
+from ._scale import budget_advice, connection_budget, pgbouncer_facts
 
 __all__ = ["main"]
 
@@ -76,7 +77,8 @@ def _recommendations(report: dict[str, Any], journal_mode: str | None) -> list[s
             "server allows, e.g. create_engine(url, pool_size=10, max_overflow=0); the maker's "
             "limiter then follows it."
         )
-    advice += _limit_advice(report)
+    if not (report.get("pgbouncer") or {}).get("detected"):
+        advice += _limit_advice(report)  # behind PgBouncer, budget_advice says what counts
     for step in ("cancel", "timings", "loop_lag"):
         error = (report.get(step) or {}).get("error")
         if error:
@@ -129,6 +131,8 @@ def _recommendations(report: dict[str, Any], journal_mode: str | None) -> list[s
             "busy timeout on connect (PRAGMA journal_mode=WAL; PRAGMA busy_timeout=5000), or "
             "writers fail with 'database is locked'."
         )
+    if report["budget"]["processes"] > 1 or (report.get("pgbouncer") or {}).get("proxy"):
+        advice += budget_advice(report)
     if report["dialect"] == "duckdb":
         advice.append(
             "DuckDB lets one process write: concurrent sessions writing the same rows fail "
@@ -203,6 +207,33 @@ def _table(report: dict[str, Any]) -> str:
                 "no limit of its own" if account is None else str(account)
             )
         rows.append(("server limits", text_))
+    bouncer = report.get("pgbouncer")
+    if bouncer and bouncer["detected"]:
+        rows.append(
+            (
+                "pgbouncer",
+                f"{bouncer['version']}, pool_mode {bouncer['pool_mode']}, "
+                f"{_plural(bouncer['pool_size'], 'server connection')} per database and user, "
+                f"max_client_conn {bouncer['max_client_conn']}",
+            )
+        )
+    elif bouncer and bouncer["proxy"]:
+        rows.append(("pgbouncer", f"a proxy is in between; {bouncer['error'] or 'not PgBouncer'}"))
+    budget = report["budget"]
+    if budget["needed"] is not None and (budget["processes"] > 1 or (bouncer or {}).get("proxy")):
+        verdict = (
+            ""
+            if budget["limit"] is None
+            else f" of {budget['limit']} ({budget['limited_by']}): "
+            + ("fits" if budget["fits"] else "TOO MANY")
+        )
+        rows.append(
+            (
+                "connection budget",
+                f"{budget['processes']} x {budget['per_process']} pooled + "
+                f"{budget['cancel_connections']} for cancel = {budget['needed']}{verdict}",
+            )
+        )
     if limiter["error"]:
         rows.append(("maker limiter", "refused: " + limiter["error"].split(":")[0]))
     else:
@@ -276,10 +307,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         report = engine_facts(engine)
         report["server_limits"] = server_limits(engine)
+        report["pgbouncer"] = bouncer = pgbouncer_facts(engine, args.connect_timeout)
+        if bouncer and bouncer["detected"] and bouncer["pool_size"]:
+            args.server_connections = int(bouncer["pool_size"])
         maker, report["limiter"] = maker_for(engine)
         if maker is not None:
             report.update(anyio.run(measure, maker, engine, args, backend=args.backend))
         report["backend"] = args.backend
+        report["budget"] = connection_budget(report, args.processes)
         report["recommendations"] = _recommendations(report, sqlite_journal_mode(engine))
     finally:
         engine.dispose()
@@ -297,12 +332,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")
     parser.add_argument("--pool-size", type=int, help="create_engine(pool_size=...)")
     parser.add_argument("--max-overflow", type=int, help="create_engine(max_overflow=...)")
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="worker processes that each make this engine (the connection budget)",
+    )
     parser.add_argument("--connect-timeout", type=int, default=5, help="seconds (default 5)")
     parser.add_argument("--samples", type=int, default=200, help="timed calls per measurement")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     args = parser.parse_args(argv)
     if args.samples < 1:
         parser.error("--samples must be at least 1")
+    if args.processes < 1:
+        parser.error("--processes must be at least 1")
     try:
         args.url_shown = make_url(args.url).render_as_string(hide_password=True)
     except ArgumentError:

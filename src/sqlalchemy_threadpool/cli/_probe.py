@@ -424,7 +424,9 @@ async def measure(
     report["cancel"] = await _step(_cancel_check(maker, engine))
     progress(args.quiet, f"timing thread hops and point queries ({args.samples} each) ...")
     report["timings"] = await _step(_timings(maker, engine, args.samples))
-    tasks = max(1, min(8, maker.limiter.total_tokens))
+    # Behind PgBouncer, more clients than its server connections would deadlock the run of
+    # the same queries on the loop (a blocked loop cannot end the transactions they wait for).
+    tasks = max(1, min(8, maker.limiter.total_tokens, getattr(args, "server_connections", 8)))
     progress(args.quiet, f"measuring event-loop lag under {tasks} concurrent tasks ...")
     report["loop_lag"] = await _step(
         _loop_lag(maker, engine, int(tasks), max(5, args.samples // 8))
