@@ -175,7 +175,7 @@ def _after_fork_in_child() -> None:
     inherited = list(admitted.items())
     admitted.clear()
     for offloader, ticket in inherited:
-        offloader.end_scope(_INHERITED)
+        offloader.end(_INHERITED)
         _inherited.append(offloader)
         if ticket.held:
             ticket.held = False

@@ -26,7 +26,7 @@ from typing_extensions import ParamSpec, Self, TypeVarTuple, Unpack
 from ._attrs import remember_facade
 from ._exceptions import ConfigurationError
 from ._members import attribute, generate_members, offloaded, plain, settable
-from ._results import check_callable, make_loop_safe
+from ._results import check_callable
 from ._streams import ThreadpoolStreamResult, ThreadpoolStreamScalarResult, open_stream
 from ._transaction import ThreadpoolSessionTransaction
 
@@ -134,8 +134,7 @@ class ThreadpoolSession:
     ) -> Any:
         session = self.sync_session
         return await self._offloader.call(
-            lambda: make_loop_safe(method(session, *args, **kwargs), name),
-            recovers=method in _RECOVERING,
+            lambda: method(session, *args, **kwargs), where=name, recovers=method in _RECOVERING
         )
 
     async def run(
@@ -150,9 +149,7 @@ class ThreadpoolSession:
         """
         check_callable(fn, "run()")
         session = self.sync_session
-        return await self._offloader.call(
-            lambda: make_loop_safe(fn(session, *args, **kwargs), "run()")
-        )
+        return await self._offloader.call(lambda: fn(session, *args, **kwargs), where="run()")
 
     run_sync = run
     """:meth:`run` under ``AsyncSession``'s name: ``fn(sync_session, *args, **kwargs)``."""
@@ -421,7 +418,7 @@ class ThreadpoolSession:
             with anyio.CancelScope(shield=True):
                 await self._offloader.finish(commit=commit)
         finally:
-            self._offloader.end_scope(reason)
+            self._offloader.end(reason)
 
     async def __aenter__(self) -> Self:
         return self

@@ -65,7 +65,7 @@ async def shutdown(
         with anyio.move_on_after(timeout) as scope:
             async with anyio.create_task_group() as group:
                 for offloader in victims:
-                    group.start_soon(offloader.drain, _REASON, sever_at)
+                    group.start_soon(offloader.shut_down, _REASON, sever_at)
         if scope.cancelled_caught:
             left = [o for o in admitted_offloaders(engine) if o.session.in_transaction()]
             logger.warning(
