@@ -19,16 +19,9 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, NamedTuple
 import anyio
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session, sessionmaker
-from sqlalchemy.pool import (
-    AssertionPool,
-    NullPool,
-    Pool,
-    QueuePool,
-    SingletonThreadPool,
-    StaticPool,
-)
 from typing_extensions import TypeVar
 
+from ._binds import check_memory_database, pool_capacity, pool_timeout, unwrap_binds
 from ._cancel import StatementCanceller, canceller_for
 from ._events import install as install_events
 from ._events import watch_binds
@@ -252,7 +245,7 @@ class threadpool_sessionmaker(Generic[_TS]):
         bind = session_kw.get("bind")
         binds = [b for b in (bind, *(session_kw.get("binds") or {}).values()) if b is not None]
         for each in binds:
-            _check_sqlite_memory(each)
+            check_memory_database(each)
         key = (tuple(binds), options["limiter"])
         current: _Settings | None = getattr(self, "_settings", None)
         if current is not None and current.limiter_key == key:
@@ -266,7 +259,7 @@ class threadpool_sessionmaker(Generic[_TS]):
             limiter=limiter,
             limiter_key=key,
             admission_timeout=(
-                _pool_timeout(bind) if admission_timeout == "pool" else admission_timeout
+                pool_timeout(bind) if admission_timeout == "pool" else admission_timeout
             ),
             canceller=canceller_for(bind) if options["cancel_statements"] else None,
             workers=workers if offload == "worker" else None,
@@ -366,32 +359,6 @@ if hasattr(os, "register_at_fork"):  # not on Windows, which does not fork
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def engine_of(bind: Engine | Connection | None) -> Engine | None:
-    """The engine behind a maker's ``bind``."""
-    if isinstance(bind, Connection):
-        return bind.engine
-    return bind
-
-
-def pool_capacity(bind: Engine | Connection | None) -> float | None:
-    """How many connections the bind can hand out at once (``math.inf``: no bound)."""
-    if isinstance(bind, Connection):
-        return 1
-    if bind is None:
-        return None
-    pool: Pool = bind.pool
-    if isinstance(pool, QueuePool):
-        overflow = pool._max_overflow
-        return math.inf if overflow < 0 else pool.size() + overflow
-    if isinstance(pool, (StaticPool, AssertionPool)):
-        return 1
-    if isinstance(pool, SingletonThreadPool):
-        return pool.size
-    if isinstance(pool, NullPool):
-        return math.inf
-    return None
-
-
 def _make_limiter(
     binds: list[Engine | Connection], limiter: int | anyio.CapacityLimiter | None
 ) -> anyio.CapacityLimiter:
@@ -426,65 +393,3 @@ def _make_limiter(
             stacklevel=4,  # _make_limiter < _settle < __init__ or configure() < the caller
         )
     return limiter if isinstance(limiter, anyio.CapacityLimiter) else anyio.CapacityLimiter(tokens)
-
-
-def _pool_timeout(bind: Engine | Connection | None) -> float:
-    engine = engine_of(bind)
-    if engine is not None and isinstance(engine.pool, QueuePool):
-        return engine.pool.timeout()
-    return 30.0
-
-
-def _check_sqlite_memory(bind: Engine | Connection | None) -> None:
-    engine = engine_of(bind)
-    if engine is not None and engine.dialect.name == "duckdb":
-        _check_duckdb_memory(engine)
-    if engine is None or engine.dialect.name != "sqlite":
-        return
-    url = engine.url
-    in_memory = url.database in (None, "", ":memory:") or url.query.get("mode") == "memory"
-    if in_memory and isinstance(engine.pool, SingletonThreadPool):
-        raise ConfigurationError(
-            "This SQLite engine is in memory with SingletonThreadPool, which gives every "
-            "thread its own empty database: tables created in one worker thread would be "
-            "missing in the next. Share one connection across threads instead:\n"
-            "    create_engine('sqlite://', poolclass=StaticPool, "
-            "connect_args={'check_same_thread': False})\n"
-            "(from sqlalchemy.pool import StaticPool), or use a file database."
-        )
-
-
-def _check_duckdb_memory(engine: Engine) -> None:
-    """``duckdb://`` and ``duckdb:///:memory:`` give each connection its own private database."""
-    if engine.url.database not in (None, "", ":memory:"):
-        return  # a file, or a named in-memory database (":memory:NAME") shared by connections
-    if isinstance(engine.pool, (StaticPool, AssertionPool)):
-        return
-    raise ConfigurationError(
-        f"This DuckDB engine is in memory with {type(engine.pool).__name__}, which gives every "
-        "connection (and so every worker thread) its own empty database: tables created in one "
-        "session would be missing in the next. Use a named in-memory database, which all "
-        "connections of the process share:\n"
-        "    create_engine('duckdb:///:memory:app')\n"
-        "or one shared connection, create_engine('duckdb:///:memory:', poolclass=StaticPool), "
-        "or a database file."
-    )
-
-
-def unwrap_binds(kw: dict[str, Any]) -> dict[str, Any]:
-    """A :class:`ThreadpoolEngine` given as ``bind=`` or in ``binds=`` means its sync engine.
-
-    The one place the engine facade is unwrapped; changes ``kw`` in place and returns it.
-    """
-    if "bind" not in kw and not kw.get("binds"):
-        return kw
-    from ._engine import ThreadpoolEngine  # it imports this module
-
-    def sync(bind: Any) -> Any:
-        return bind.sync_engine if isinstance(bind, ThreadpoolEngine) else bind
-
-    if "bind" in kw:
-        kw["bind"] = sync(kw["bind"])
-    if kw.get("binds"):
-        kw["binds"] = {key: sync(value) for key, value in kw["binds"].items()}
-    return kw

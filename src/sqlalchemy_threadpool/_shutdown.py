@@ -15,7 +15,8 @@ import anyio
 from sqlalchemy.engine import Engine
 
 from ._admission import admitted_offloaders
-from ._maker import engine_of, threadpool_sessionmaker
+from ._binds import engine_of
+from ._maker import threadpool_sessionmaker
 from ._worker_pool import WorkerPool, all_pools
 
 __all__ = ["shutdown"]
