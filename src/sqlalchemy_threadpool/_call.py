@@ -96,7 +96,8 @@ class Call:
     ABANDONED    the loop stopped waiting for it (the awaiting       STOPPED
                  task was cancelled): if it had not started it
                  never runs; if it had, it may start no further
-                 statement, and :mod:`._recovery` stops it
+                 statement, and :mod:`._recovery` cancels it until
+                 it leaves
     STOPPED      ``shutdown()`` gave up on it: as ABANDONED, and     (final)
                  its unit of work fails whatever it returns
     ===========  ==================================================  =====================

@@ -49,7 +49,7 @@ from ._exceptions import (
     SessionOwnershipError,
     TransactionInterruptedError,
 )
-from ._recovery import SHUTDOWN, discard, fail, recover, shielded, stop_for_shutdown
+from ._recovery import SHUTDOWN, discard, fail, fail_interrupted, shielded, stop_for_shutdown
 
 if TYPE_CHECKING:
     from ._call import Worker
@@ -297,7 +297,7 @@ class Offloader:
                 own = exc is call.error
                 if own and isinstance(exc, Exception) and call.state is not STOPPED:
                     raise  # the database's (or the callable's) own error: unchanged
-                await shielded(recover(self, call, exc, own))
+                await shielded(fail_interrupted(self, call, exc, own))
                 if own and call.state is STOPPED and isinstance(exc, Exception):
                     self.check_usable()  # raises, chained to the driver's "cancelled" error
                 raise

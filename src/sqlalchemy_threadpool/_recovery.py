@@ -18,8 +18,8 @@ A worker thread cannot be killed. When the task awaiting a call is cancelled (or
 
 All of it runs shielded: :func:`shielded` awaits a step to its end whatever cancels the
 caller meanwhile, and the original cancellation (or ``TimeoutError``) is what propagates. The
-functions take the offloader whose session they recover; they are its slow paths, never run by
-a call that went well.
+functions take the offloader whose call or session they handle; they are its slow paths, never
+run by a call that went well.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from ._cancel import cancel_statements, sever
 if TYPE_CHECKING:
     from ._offload import Offloader
 
-__all__ = ["SHUTDOWN", "discard", "fail", "recover", "shielded", "stop_for_shutdown"]
+__all__ = ["SHUTDOWN", "discard", "fail", "fail_interrupted", "shielded", "stop_for_shutdown"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ SHUTDOWN = "shutdown() stopped its call in flight"
 _FIRST_RECANCEL_PAUSE = 0.05
 
 
-async def recover(off: Offloader, call: Call, exc: BaseException, own: bool) -> None:
+async def fail_interrupted(off: Offloader, call: Call, exc: BaseException, own: bool) -> None:
     """Give up on a call that ``exc`` interrupted and fail it (``own``: raised by the worker)."""
     if own and call.state is STOPPED:
         await fail(off, call, SHUTDOWN, invalidate=False)
