@@ -73,7 +73,7 @@ from sqlalchemy_threadpool._admission import admitted_offloaders
 #: (A plain "sqlalchemy" substring would also match this library's ``sqlalchemy_threadpool``.)
 SQLALCHEMY_DIR = os.path.dirname(sqlalchemy.__file__) + os.sep
 
-#: The name prefix of the library's dedicated worker threads (``_worker.Worker``).
+#: The name prefix of the library's dedicated worker threads (``_call.Worker``).
 WORKER_THREAD_PREFIX = "sqlalchemy-threadpool-worker-"
 
 OPS = {  # name: weight
@@ -275,7 +275,7 @@ class Soak:
                 group.start_soon(self.worker)
             if self.server is not None:
                 group.start_soon(self.restarter, self.args.minutes * 60 / 2)
-        # Before shutdown(), which would drain (and so hide) a session left admitted.
+        # Before shutdown(), which would roll back (and so hide) a session left admitted.
         self.in_process = self.in_process_leaks()
         await shutdown(self.maker, dispose=False)
 

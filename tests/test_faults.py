@@ -81,7 +81,7 @@ def threads_inside_a_session() -> list[str]:
         stack = frame if ident != threading.get_ident() else None
         while stack is not None:
             code = stack.f_code
-            if code.co_name == "run" and code.co_filename.endswith("_calls.py"):
+            if code.co_name == "run" and code.co_filename.endswith("_call.py"):
                 inside.append(str(ident))
                 break
             stack = stack.f_back

@@ -29,6 +29,7 @@ from sqlalchemy_threadpool import (
     _from_thread,
     threadpool_sessionmaker,
 )
+from sqlalchemy_threadpool._call import Call
 
 pytestmark = pytest.mark.anyio
 
@@ -253,7 +254,7 @@ async def test_the_anyio_internals_the_worker_threads_rely_on_are_there() -> Non
         )
         for call in calls:
             try:
-                await worker.call(call)
+                await worker.call(Call(call))
             except Exception as exc:
                 raise AssertionError(
                     "anyio.from_thread no longer finds the loop from a dedicated worker thread: "

@@ -44,7 +44,7 @@ from sqlalchemy_threadpool import (
     run_transaction,
     threadpool_sessionmaker,
 )
-from sqlalchemy_threadpool._calls import _local
+from sqlalchemy_threadpool._call import running
 
 pytestmark = pytest.mark.anyio
 
@@ -517,14 +517,14 @@ async def test_cancellation_during_an_attempt_rolls_it_back_and_is_not_retried(
 async def test_a_sync_fn_its_flush_and_its_commit_run_in_one_worker_call(engine: Engine) -> None:
     """Every SQLAlchemy event of the unit of work fires inside the same call to a worker.
 
-    ``_local.call`` is the call the current worker thread is running (``None`` on the loop),
+    ``running.call`` is the call the current worker thread is running (``None`` on the loop),
     so a second hop (say, for the commit) would show up as a second call object.
     """
     maker = threadpool_sessionmaker(engine)
     seen: list[tuple[str, object]] = []
 
     def record(name: str) -> Callable[..., None]:
-        return lambda *args, **kwargs: seen.append((name, getattr(_local, "call", None)))
+        return lambda *args, **kwargs: seen.append((name, getattr(running, "call", None)))
 
     listeners = [
         (engine, "begin"),
@@ -538,7 +538,7 @@ async def test_a_sync_fn_its_flush_and_its_commit_run_in_one_worker_call(engine:
         event.listen(target, name, record(name))
 
     def add(session: Session) -> str:
-        seen.append(("fn", getattr(_local, "call", None)))
+        seen.append(("fn", getattr(running, "call", None)))
         session.add(User(name="one-hop"))
         return "done"
 

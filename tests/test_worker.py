@@ -26,14 +26,14 @@ from sqlalchemy_threadpool import (
     ConfigurationError,
     TransactionInterruptedError,
     WorkerPool,
+    _call,
     _wakeup,
-    _worker,
     allow_blocking,
     shutdown,
     threadpool_session,
     threadpool_sessionmaker,
 )
-from sqlalchemy_threadpool._calls import WorkerCall
+from sqlalchemy_threadpool._call import Call, CallState
 from sqlalchemy_threadpool._guard import _allowed
 
 pytestmark = pytest.mark.anyio
@@ -292,20 +292,22 @@ async def test_a_queued_job_abandoned_before_the_thread_takes_it_never_runs() ->
     pool, owner = WorkerPool(SHORT_IDLE), Owner()
     worker = pool.acquire(owner)
     release, ran = threading.Event(), []
-    first = WorkerCall(lambda: release.wait(EVENTUALLY))
-    second = WorkerCall(lambda: ran.append("second"))
+    first = Call(lambda: release.wait(EVENTUALLY))
+    second = Call(lambda: ran.append("second"))
     async with anyio.create_task_group() as group:
-        group.start_soon(worker.call, first.run)
-        assert await anyio.to_thread.run_sync(_wait_until, lambda: first.started)
+        group.start_soon(worker.call, first)
+        assert await anyio.to_thread.run_sync(
+            _wait_until, lambda: first.state is CallState.RUNNING
+        )
         with anyio.move_on_after(0.05) as scope:
-            await worker.call(second.run)  # queued behind ``first``
+            await worker.call(second)  # queued behind ``first``
         assert scope.cancelled_caught
-        assert not second.abandon()  # had not started, and now never will
+        assert second.abandon() is None  # had not started, and now never will
         release.set()
-    assert await worker.call(lambda: "later") == "later"  # it skipped ``second``
+    assert await worker.call(Call(lambda: "later")) == "later"  # it skipped ``second``
     assert ran == []
-    assert first.done
-    assert not second.done
+    assert first.state is CallState.DONE
+    assert second.state is CallState.ABANDONED
     pool.release(worker)
 
 
@@ -319,12 +321,12 @@ async def test_cancellation_wakes_the_caller_without_waiting_for_the_thread() ->
         left.set()
 
     with anyio.move_on_after(0.05) as scope:
-        await worker.call(blocked)
+        await worker.call(Call(blocked))
     assert scope.cancelled_caught
     assert not left.is_set()  # the caller is back while the thread is still inside
     release.set()
     assert await anyio.to_thread.run_sync(left.wait, EVENTUALLY)
-    assert await worker.call(lambda: "next") == "next"
+    assert await worker.call(Call(lambda: "next")) == "next"
     pool.release(worker)
 
 
@@ -442,7 +444,7 @@ class _RetireAfterStopIdle:
         self._stopper: int | None = None  # the thread calling stop_idle(), once armed
         self._released = threading.Event()
         self._victim_path = tmp_path / "victim"
-        self.worker: _worker.Worker | None = None
+        self.worker: _call.Worker | None = None
         self.victim: int | None = None  # the file's descriptor: the thread's old eventfd
 
     def arm(self) -> None:
@@ -526,6 +528,7 @@ _PORTABLE_WAKEUPS = """
 import sys, threading, anyio
 from sqlalchemy import create_engine, text
 from sqlalchemy_threadpool import threadpool_sessionmaker, _wakeup, _worker_pool
+from sqlalchemy_threadpool._call import Call
 
 assert not _wakeup.EVENTFD
 engine = create_engine(sys.argv[1])
@@ -543,10 +546,10 @@ async def main() -> None:
     worker = _worker_pool.WorkerPool(1.0).acquire(engine)
     release = threading.Event()
     with anyio.move_on_after(0.05) as scope:
-        await worker.call(lambda: release.wait(20))
+        await worker.call(Call(lambda: release.wait(20)))
     assert scope.cancelled_caught and not release.is_set()
     release.set()
-    assert await worker.call(lambda: "next") == "next"
+    assert await worker.call(Call(lambda: "next")) == "next"
 
 
 for backend in ("asyncio", "trio"):
@@ -651,7 +654,7 @@ async def test_only_a_lone_call_hands_the_gil_over_with_its_wake_up(
     sqlite_engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A call alone in flight wakes its worker with a GIL-releasing write (the fast lone hop);
-    with several in flight the loop thread keeps the GIL (``_worker`` docstring)."""
+    with several in flight the loop thread keeps the GIL (``_wakeup`` docstring)."""
     loop_thread = threading.get_ident()
     releasing: list[int] = []
     keeping: list[int] = []

@@ -238,7 +238,7 @@ def _after_fork_in_child() -> None:
     admitted.clear()
     waiting.clear()
     for offloader, ticket in inherited:
-        offloader.end_scope(_INHERITED)
+        offloader.end(_INHERITED)
         _inherited.append(offloader)
         while ticket.taken:
             try:

@@ -26,15 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.pool import (
-    AssertionPool,
-    NullPool,
-    Pool,
-    QueuePool,
-    SingletonThreadPool,
-    StaticPool,
-)
 
+from ._binds import pool_capacity
 from ._exceptions import ConfigurationError
 
 if TYPE_CHECKING:
@@ -47,7 +40,6 @@ __all__ = [
     "capacity_for",
     "find_capacity",
     "make_gate",
-    "pool_capacity",
 ]
 
 #: Tokens when the pool does not bound connections (NullPool, unlimited overflow) or when
@@ -114,25 +106,6 @@ def capacity_for(bind: Engine | Connection) -> Capacity:
             name = f"a Connection of {name}"
         capacity = _capacities[root] = Capacity(int(tokens), name)
     return capacity
-
-
-def pool_capacity(bind: Engine | Connection | None) -> float | None:
-    """How many connections the bind can hand out at once (``math.inf``: no bound)."""
-    if isinstance(bind, Connection):
-        return 1
-    if bind is None:
-        return None
-    pool: Pool = bind.pool
-    if isinstance(pool, QueuePool):
-        overflow = pool._max_overflow
-        return math.inf if overflow < 0 else pool.size() + overflow
-    if isinstance(pool, (StaticPool, AssertionPool)):
-        return 1
-    if isinstance(pool, SingletonThreadPool):
-        return pool.size
-    if isinstance(pool, NullPool):
-        return math.inf
-    return None
 
 
 class Gate:

@@ -287,7 +287,7 @@ class ThreadpoolConnection:
             with anyio.CancelScope(shield=True):
                 await offloader.finish(commit=False)
         finally:
-            offloader.end_scope("its ThreadpoolConnection was closed")
+            offloader.end("its ThreadpoolConnection was closed")
 
     async def aclose(self) -> None:
         """Same as :meth:`close`, for :func:`contextlib.aclosing`."""

@@ -1,7 +1,9 @@
 """Every SQLAlchemy listener the library installs, and the one registry of watched engines.
 
-The listeners' bodies live with their concept; this module is the one place that puts them
-on a maker's sync :class:`~sqlalchemy.orm.sessionmaker` and on the engines its sessions use:
+This module is the one place that puts listeners on a maker's sync
+:class:`~sqlalchemy.orm.sessionmaker` and on the engines its sessions use. The bodies of those
+that read the call a worker thread runs (:data:`._call.running`) are here; the others live with
+their concept:
 
 ================================  ===========================================  ===========
 listener                          what for                                     body in
@@ -9,9 +11,10 @@ listener                          what for                                     b
 session ``do_orm_execute``        ORM results fully loaded in the worker       ``_results``
 session ``after_begin``           the session's connections, for cancelling;   ``_cancel``
                                   watch the connection's engine
-session ``before_commit`` /       whether a call's ``COMMIT`` began / reached  ``_calls``
+session ``before_commit`` /       whether a call's ``COMMIT`` began / reached  here
 ``after_commit``                  the database (an interrupted commit's fate)
-engine ``before_cursor_execute``  an abandoned call may not start a statement  ``_calls``
+engine ``before_cursor_execute``  a call given up on (abandoned or stopped)    here
+                                  may not start a statement
 pool ``checkin``                  count check-ins (a cancel never reaches the  ``_cancel``
                                   connection's next user)
 engine ``engine_disposed``        close the ``KILL QUERY`` side connection     ``_cancel``
@@ -39,8 +42,9 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from . import _guard
-from ._calls import note_commit_began, note_committed, refuse_if_abandoned
+from ._call import RUNNING, Call, running
 from ._cancel import close_side_connection, count_checkin, track_connections
+from ._exceptions import ThreadpoolSessionError
 from ._guard import GuardMode
 from ._results import prebuffer_rows
 
@@ -74,7 +78,7 @@ def _watch(engine: Engine, groups: int) -> None:
         if not missing:
             return
         if missing & _OFFLOAD:
-            event.listen(engine, "before_cursor_execute", refuse_if_abandoned)
+            event.listen(engine, "before_cursor_execute", refuse_if_given_up)
             event.listen(engine, "checkin", count_checkin)
         if missing & _GUARD:
             event.listen(engine, "before_cursor_execute", _guard.before_cursor_execute)
@@ -101,6 +105,38 @@ def watch_binds(maker: sessionmaker[Any], guard: GuardMode) -> None:
     for bind in [maker.kw.get("bind"), *(maker.kw.get("binds") or {}).values()]:
         if isinstance(bind, (Engine, Connection)):
             _watch(bind.engine, groups)
+
+
+# -- what SQLAlchemy's events see of the call a worker thread runs -------------------------
+
+
+class _CallGivenUp(ThreadpoolSessionError):
+    """Raised inside a call given up on that tries to start another statement."""
+
+
+def refuse_if_given_up(conn: Connection, *args: Any) -> None:
+    """Engine ``before_cursor_execute``: a call given up on may not start another statement."""
+    call: Call | None = getattr(running, "call", None)
+    if call is not None and call.state is not RUNNING:
+        raise _CallGivenUp(
+            "The task awaiting this call was cancelled (or shutdown() stopped it) while it ran "
+            "in a worker thread; its transaction is being rolled back, so it may not start "
+            "another statement."
+        )
+
+
+def note_commit_began(session: Session) -> None:
+    """Session ``before_commit``: a root commit began in the call."""
+    call: Call | None = getattr(running, "call", None)
+    if call is not None and not session.in_nested_transaction():
+        call.committing = True
+
+
+def note_committed(session: Session) -> None:
+    """Session ``after_commit``: the database committed it."""
+    call: Call | None = getattr(running, "call", None)
+    if call is not None and call.committing:
+        call.committed = True
 
 
 def install(maker: sessionmaker[Any], guard: GuardMode) -> None:

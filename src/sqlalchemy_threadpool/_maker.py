@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, NamedTuple
 import anyio
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session, sessionmaker
-from sqlalchemy.pool import AssertionPool, QueuePool, SingletonThreadPool, StaticPool
 from typing_extensions import TypeVar
 
+from ._binds import binds_of, check_memory_database, pool_timeout, unwrap_binds
 from ._cancel import StatementCanceller, canceller_for
 from ._capacity import Gate, make_gate
 from ._events import install as install_events
@@ -189,7 +189,7 @@ class threadpool_sessionmaker(Generic[_TS]):
         gate = self._settings.gate
         if "bind" in session_kw or "binds" in session_kw:  # admitted on the session's engines
             kw = {**self.sync_maker.kw, **unwrap_binds(session_kw)}
-            gate = gate.rebound(_binds_of(kw))
+            gate = gate.rebound(binds_of(kw))
         sync_session = self.sync_maker(**session_kw)
         offloader = Offloader(
             sync_session,
@@ -264,12 +264,12 @@ class threadpool_sessionmaker(Generic[_TS]):
         if offload not in ("worker", "anyio"):
             raise ConfigurationError(f"offload must be 'worker' or 'anyio', not {offload!r}.")
         bind = session_kw.get("bind")
-        binds = _binds_of(session_kw)
+        binds = binds_of(session_kw)
         for each in binds:
-            _check_sqlite_memory(each)
+            check_memory_database(each)
         admission_timeout = options["admission_timeout"]
         if admission_timeout == "pool":
-            admission_timeout = _pool_timeout(bind)
+            admission_timeout = pool_timeout(bind)
         threshold = options["admission_log_threshold"]
         if threshold == "auto":
             threshold = ADMISSION_LOG_THRESHOLD
@@ -386,79 +386,3 @@ def implicit_maker(
         maker = threadpool_sessionmaker(bind, binds=binds, sync_session_class=sync_session_class)
         _implicit[key] = maker
     return maker
-
-
-def engine_of(bind: Engine | Connection | None) -> Engine | None:
-    """The engine behind a maker's ``bind``."""
-    if isinstance(bind, Connection):
-        return bind.engine
-    return bind
-
-
-def _pool_timeout(bind: Engine | Connection | None) -> float:
-    engine = engine_of(bind)
-    if engine is not None and isinstance(engine.pool, QueuePool):
-        return engine.pool.timeout()
-    return 30.0
-
-
-def _check_sqlite_memory(bind: Engine | Connection | None) -> None:
-    engine = engine_of(bind)
-    if engine is not None and engine.dialect.name == "duckdb":
-        _check_duckdb_memory(engine)
-    if engine is None or engine.dialect.name != "sqlite":
-        return
-    url = engine.url
-    in_memory = url.database in (None, "", ":memory:") or url.query.get("mode") == "memory"
-    if in_memory and isinstance(engine.pool, SingletonThreadPool):
-        raise ConfigurationError(
-            "This SQLite engine is in memory with SingletonThreadPool, which gives every "
-            "thread its own empty database: tables created in one worker thread would be "
-            "missing in the next. Share one connection across threads instead: "
-            "create_threadpool_engine('sqlite://') does it for you, or\n"
-            "    create_engine('sqlite://', poolclass=StaticPool, "
-            "connect_args={'check_same_thread': False})\n"
-            "(from sqlalchemy.pool import StaticPool), or use a file database."
-        )
-
-
-def _check_duckdb_memory(engine: Engine) -> None:
-    """``duckdb://`` and ``duckdb:///:memory:`` give each connection its own private database."""
-    if engine.url.database not in (None, "", ":memory:"):
-        return  # a file, or a named in-memory database (":memory:NAME") shared by connections
-    if isinstance(engine.pool, (StaticPool, AssertionPool)):
-        return
-    raise ConfigurationError(
-        f"This DuckDB engine is in memory with {type(engine.pool).__name__}, which gives every "
-        "connection (and so every worker thread) its own empty database: tables created in one "
-        "session would be missing in the next. Use a named in-memory database, which all "
-        "connections of the process share:\n"
-        "    create_engine('duckdb:///:memory:app')\n"
-        "or one shared connection, create_engine('duckdb:///:memory:', poolclass=StaticPool), "
-        "or a database file."
-    )
-
-
-def _binds_of(kw: dict[str, Any]) -> list[Engine | Connection]:
-    """The binds a session made with these sessionmaker arguments may use."""
-    bind = kw.get("bind")
-    return [b for b in (bind, *(kw.get("binds") or {}).values()) if b is not None]
-
-
-def unwrap_binds(kw: dict[str, Any]) -> dict[str, Any]:
-    """A :class:`ThreadpoolEngine` given as ``bind=`` or in ``binds=`` means its sync engine.
-
-    The one place the engine facade is unwrapped; changes ``kw`` in place and returns it.
-    """
-    if "bind" not in kw and not kw.get("binds"):
-        return kw
-    from ._engine import ThreadpoolEngine  # it imports this module
-
-    def sync(bind: Any) -> Any:
-        return bind.sync_engine if isinstance(bind, ThreadpoolEngine) else bind
-
-    if "bind" in kw:
-        kw["bind"] = sync(kw["bind"])
-    if kw.get("binds"):
-        kw["binds"] = {key: sync(value) for key, value in kw["binds"].items()}
-    return kw

@@ -3,11 +3,11 @@
 Every IO call of a :class:`~sqlalchemy_threadpool.ThreadpoolSession` goes through
 :meth:`Offloader.call` (the end of a unit of work through :meth:`Offloader.finish`); no other
 module starts session work in a thread. The thread is, by default (``offload="worker"``), one
-lent to the session by a :class:`~._worker.WorkerPool` for as long as it is admitted; with
+lent to the session by a :class:`~._worker_pool.WorkerPool` for as long as it is admitted; with
 ``offload="anyio"`` each call takes one of :func:`anyio.to_thread.run_sync`'s. One
-``Offloader`` belongs to one session (the call handed to a thread, its handshake and the
-SQLAlchemy events it records are :mod:`._calls`; taking and giving back the token is
-:mod:`._admission`'s) and enforces, in this order:
+``Offloader`` belongs to one session (the call handed to a thread, with its state, and the
+dedicated thread are :mod:`._call`'s; taking and giving back the token is :mod:`._admission`'s)
+and enforces, in this order:
 
 1. **Scope and ownership**: a session whose scope has ended raises
    :class:`SessionClosedError` at once; a ``strict`` session used from a task other than its
@@ -20,11 +20,12 @@ SQLAlchemy events it records are :mod:`._calls`; taking and giving back the toke
    hold connections, so a session holding a connection never waits for a thread, threads
    never wait in pool checkout, and waiting for capacity is a plain cancellable await
    (:func:`~._admission.admit`).
-4. **Dispatch**: the call is handed to the thread as a :class:`~._calls.WorkerCall`, and the
-   awaiting task stops waiting as soon as it is cancelled (:meth:`~._worker.Worker.call`, or
-   ``abandon_on_cancel=True`` on anyio's threads). A call interrupted that way (or given up on
-   by ``shutdown()``) goes to :mod:`._recovery`: a callable that had not started never runs,
-   one that had is stopped, and the unit of work fails (rolled back, the session discarded;
+4. **Dispatch**: the call is handed to the thread as a :class:`~._call.Call`, and the
+   awaiting task stops waiting as soon as it is cancelled (:meth:`~._call.Worker.call`, or
+   ``abandon_on_cancel=True`` on anyio's threads). A call interrupted that way (abandoned), or
+   stopped by ``shutdown()``, goes to :mod:`._recovery`: a callable that had not started never
+   runs, one that had is cancelled until it leaves its thread, and the unit of work fails
+   (rolled back, the session discarded;
    every later call but ``rollback()`` / ``close()`` raises
    :class:`TransactionInterruptedError`); the original cancellation is what propagates.
 5. **Release**: once the session holds no transaction its token and its thread go back.
@@ -41,19 +42,20 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 
 from ._admission import Ticket, admit, release
-from ._calls import WorkerCall
+from ._call import STOPPED, Call
 from ._cancel import session_connections
 from ._exceptions import (
     SessionClosedError,
     SessionOwnershipError,
     TransactionInterruptedError,
 )
-from ._recovery import SHUTDOWN, discard, fail, recover, stop_for_shutdown, to_the_end
+from ._recovery import SHUTDOWN, discard, fail, fail_interrupted, shielded, stop_for_shutdown
 
 if TYPE_CHECKING:
+    from ._call import Worker
     from ._cancel import StatementCanceller
     from ._capacity import Gate
-    from ._worker import Worker, WorkerPool
+    from ._worker_pool import WorkerPool
 
 __all__ = ["CLEANUP_TIMEOUT", "Offloader"]
 
@@ -119,8 +121,8 @@ class Offloader:
         self._closed_reason: str | None = None
         #: Why the unit of work failed (an interruption), until it is rolled back.
         self.failure: str | None = None
-        #: The call in a worker thread now, for ``shutdown()``.
-        self.current: WorkerCall | None = None
+        #: The call in a worker thread now (being awaited), for ``shutdown()``.
+        self.current: Call | None = None
 
     # -- scope, ownership, failure -----------------------------------------------------
 
@@ -133,7 +135,7 @@ class Offloader:
         """Whether the unit of work failed by an interruption and was not rolled back since."""
         return self.failure is not None
 
-    def end_scope(self, reason: str) -> None:
+    def end(self, reason: str) -> None:
         """Refuse every later call: the session's scope has ended."""
         self._closed_reason = reason
 
@@ -181,10 +183,14 @@ class Offloader:
 
     # -- the path to the worker ----------------------------------------------------------
 
-    async def call(self, fn: Callable[[], T], *, recovers: bool = False) -> T:
+    async def call(
+        self, fn: Callable[[], T], *, where: str | None = None, recovers: bool = False
+    ) -> T:
         """Run ``fn`` in a worker thread, serialised with the session's other calls.
 
-        ``recovers`` marks ``rollback()``/``close()``: they clear a failed unit of work.
+        ``where`` names the call in messages (``"execute()"``) and has its value made safe for
+        the loop in the worker (:func:`~._results.make_loop_safe`). ``recovers`` marks
+        ``rollback()``/``close()``: they clear a failed unit of work.
         """
         self.check_open()
         self._check_owner()
@@ -196,7 +202,7 @@ class Offloader:
             if not self.is_admitted:
                 await admit(self)
             try:
-                return await self._dispatch(fn)  # type: ignore[no-any-return]
+                return await self._dispatch(fn, where)  # type: ignore[no-any-return]
             finally:
                 self._release_if_idle()
 
@@ -207,7 +213,7 @@ class Offloader:
         committed: with ``commit=True`` it raises :class:`TransactionInterruptedError`.
         Cleanup is never refused, not even to a non-owner task.
         """
-        await to_the_end(self._finish(commit=commit))
+        await shielded(self._finish(commit=commit))
 
     async def close(self) -> None:
         """``Session.close()``, shielded; the session stays usable (``async with sess:``).
@@ -217,7 +223,7 @@ class Offloader:
         there is no transaction; a failed unit of work is acknowledged, as by ``close()``. If
         closing fails, the connection is invalidated and the error propagates.
         """
-        await to_the_end(self._close())
+        await shielded(self._close())
 
     async def _close(self) -> None:
         async with self._lock:
@@ -271,33 +277,33 @@ class Offloader:
             threads = self._threads = anyio.CapacityLimiter(math.inf)
         return threads
 
-    async def run_in_thread(self, work: WorkerCall) -> Any:
-        """Hand ``work`` to a worker thread and await it; cancellable at once."""
+    async def run_in_thread(self, call: Call) -> Any:
+        """Hand ``call`` to a worker thread and await it; cancellable at once."""
         if self._workers is None:
             return await anyio.to_thread.run_sync(
-                work.run, abandon_on_cancel=True, limiter=self.anyio_threads()
+                call.run, abandon_on_cancel=True, limiter=self.anyio_threads()
             )
         worker = self._worker
         if worker is None:  # kept until the session is released (``_release_if_idle``)
             worker = self._worker = self._workers.acquire(self)
-        return await worker.call(work.run)
+        return await worker.call(call)
 
-    async def _dispatch(self, fn: Callable[[], Any]) -> Any:
-        work = WorkerCall(fn)
-        self.current = work
+    async def _dispatch(self, fn: Callable[[], Any], where: str | None = None) -> Any:
+        call = Call(fn, where)
+        self.current = call
         try:
             try:
-                value = await self.run_in_thread(work)
+                value = await self.run_in_thread(call)
             except BaseException as exc:
-                own = exc is work.error
-                if own and isinstance(exc, Exception) and not work.aborted:
+                own = exc is call.error
+                if own and isinstance(exc, Exception) and call.state is not STOPPED:
                     raise  # the database's (or the callable's) own error: unchanged
-                await to_the_end(recover(self, work, exc, own))
-                if own and work.aborted and isinstance(exc, Exception):
+                await shielded(fail_interrupted(self, call, exc, own))
+                if own and call.state is STOPPED and isinstance(exc, Exception):
                     self.check_usable()  # raises, chained to the driver's "cancelled" error
                 raise
-            if work.aborted:
-                await to_the_end(fail(self, work, SHUTDOWN, invalidate=False))
+            if call.state is STOPPED:
+                await shielded(fail(self, call, SHUTDOWN, invalidate=False))
                 self.check_usable()
             return value
         finally:
@@ -305,7 +311,7 @@ class Offloader:
 
     # -- shutdown ------------------------------------------------------------------------
 
-    async def drain(self, reason: str, sever_at: float) -> None:
+    async def shut_down(self, reason: str, sever_at: float) -> None:
         """Fail this session's unit of work from another task (``shutdown()``).
 
         The statement in flight is cancelled (its connection cut at ``sever_at`` if it does

@@ -3,10 +3,12 @@
 A worker thread cannot be killed. When the task awaiting a call is cancelled (or times out), or
 ``shutdown()`` gives up on it, the :class:`~._offload.Offloader` hands the call here, and:
 
-1. **stop**: if the worker is inside, the database is asked to cancel the statement in flight
+1. **cancel until it leaves**: the call is given up on (:meth:`~._call.Call.abandon`, or
+   :meth:`~._call.Call.stop` for ``shutdown()``); a call that never started never will. If the
+   worker is inside, the database is asked to cancel the statement in flight
    (:func:`~._cancel.cancel_statements`), again until the worker leaves; if it is still inside
    at the cleanup deadline (or ``shutdown()``'s), its connection's socket is shut down
-   (:func:`~._cancel.sever`). A call that never started never will;
+   (:func:`~._cancel.sever`);
 2. **fail** the unit of work, whatever the worker returned: the reason is recorded (every later
    call but ``rollback()`` / ``close()`` raises :class:`TransactionInterruptedError`), with
    what became of an interrupted ``commit()``;
@@ -14,29 +16,30 @@ A worker thread cannot be killed. When the task awaiting a call is cancelled (or
    connection is invalidated instead if that fails, if a ``BaseException`` escaped the worker,
    or (its socket shut down) if the rollback does not come back in time.
 
-All of it runs shielded: :func:`to_the_end` awaits a step to its end whatever cancels the
+All of it runs shielded: :func:`shielded` awaits a step to its end whatever cancels the
 caller meanwhile, and the original cancellation (or ``TimeoutError``) is what propagates. The
-functions take the offloader whose session they recover; they are its slow paths, never run by
-a call that went well.
+functions take the offloader whose call or session they handle; they are its slow paths, never
+run by a call that went well.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 from sqlalchemy.orm import Session
 
-from ._calls import WorkerCall
+from ._call import STOPPED, Call
 from ._cancel import cancel_statements, sever
 
 if TYPE_CHECKING:
     from ._offload import Offloader
 
-__all__ = ["SHUTDOWN", "discard", "fail", "recover", "stop_for_shutdown", "to_the_end"]
+__all__ = ["SHUTDOWN", "discard", "fail", "fail_interrupted", "shielded", "stop_for_shutdown"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,50 +52,54 @@ SHUTDOWN = "shutdown() stopped its call in flight"
 _FIRST_RECANCEL_PAUSE = 0.05
 
 
-async def recover(off: Offloader, work: WorkerCall, exc: BaseException, own: bool) -> None:
-    """Stop and fail a call that ``exc`` interrupted (``own``: raised by the worker)."""
-    if own and work.aborted:
-        await fail(off, work, SHUTDOWN, invalidate=False)
+async def fail_interrupted(off: Offloader, call: Call, exc: BaseException, own: bool) -> None:
+    """Give up on a call that ``exc`` interrupted and fail it (``own``: raised by the worker)."""
+    if own and call.state is STOPPED:
+        await fail(off, call, SHUTDOWN, invalidate=False)
     elif own:  # a BaseException escaped the worker: connection state unknown
         what = f"{type(exc).__name__} escaped its worker thread"
-        await fail(off, work, what, invalidate=True)
-    elif work.abandon():  # interrupted while the worker was inside
-        await _stop(off, work)
-        what = f"a call was interrupted by {type(exc).__name__} while it ran"
-        await fail(off, work, what, invalidate=False)
+        await fail(off, call, what, invalidate=True)
+    else:
+        left = call.abandon()
+        if left is not None:  # interrupted while the worker was inside
+            await _cancel_until_left(off, left)
+            what = f"a call was interrupted by {type(exc).__name__} while it ran"
+            await fail(off, call, what, invalidate=False)
 
 
 async def stop_for_shutdown(off: Offloader, reason: str, sever_at: float) -> None:
-    """``shutdown()``: fail the unit of work and stop its call in flight, if any (its
-    connection cut at ``sever_at`` if the statement does not stop); the awaiting task then
-    fails the unit of work itself (``_dispatch``)."""
+    """``shutdown()``: fail the unit of work and stop its call in flight, if any (cancelled
+    until it leaves, its connection cut at ``sever_at`` if the statement does not stop); the
+    awaiting task then fails the unit of work itself (``_dispatch``)."""
     if off.failure is None:
         off.failure = reason
-    work = off.current
-    if work is not None:
-        work.aborted = True
-        if work.abandon():  # started: stop it; else it never will
-            await _stop(off, work, sever_at)
+    call = off.current
+    if call is not None:
+        left = call.stop()
+        if left is not None:  # started: cancel it; else it never will start
+            await _cancel_until_left(off, left, sever_at)
 
 
-async def _stop(off: Offloader, work: WorkerCall, sever_at: float | None = None) -> None:
-    """Make an interrupted worker leave: cancel its statement until it does; shielded."""
+async def _cancel_until_left(
+    off: Offloader, left: threading.Event, sever_at: float | None = None
+) -> None:
+    """Make a call given up on leave its worker: cancel its statement until ``left``."""
     if off.canceller is None:  # no mechanism, or cancel_statements=False: wait, but
         if sever_at is not None:  # shutdown() cuts the connection at its deadline
-            left = await _wait(off, work, max(0.0, sever_at - anyio.current_time()))
-            if not left:
+            gone = await _wait(off, left, max(0.0, sever_at - anyio.current_time()))
+            if not gone:
                 sever(off.session)
-        await _wait(off, work, None)
+        await _wait(off, left, None)
         return
     if sever_at is None:
         sever_at = anyio.current_time() + off.cleanup_timeout
     pause, loud = _FIRST_RECANCEL_PAUSE, True
-    while not work.finished.is_set():
+    while not left.is_set():
         await anyio.to_thread.run_sync(
             cancel_statements,
             off.canceller,
             off.session,
-            work.finished,
+            left,
             loud,
             limiter=off.anyio_threads(),
         )
@@ -105,32 +112,32 @@ async def _stop(off: Offloader, work: WorkerCall, sever_at: float | None = None)
                 off.cleanup_timeout,
             )
             sever(off.session)
-            await _wait(off, work, None)
+            await _wait(off, left, None)
             return
-        await _wait(off, work, min(pause, remaining))
+        await _wait(off, left, min(pause, remaining))
         pause = min(pause * 2, 1.0)
 
 
-async def _wait(off: Offloader, work: WorkerCall, seconds: float | None) -> bool:
-    """Wait (in a helper thread) until a started ``work`` has left; ``False`` if it has
-    not within ``seconds``. Abandoned at once if cancelled (by ``shutdown()``'s limit)."""
-    if work.finished.is_set():
+async def _wait(off: Offloader, left: threading.Event, seconds: float | None) -> bool:
+    """Wait (in a helper thread) until a started call has ``left``; ``False`` if it has not
+    within ``seconds``. Abandoned at once if cancelled (by ``shutdown()``'s limit)."""
+    if left.is_set():
         return True
     return await anyio.to_thread.run_sync(
-        work.finished.wait, seconds, abandon_on_cancel=True, limiter=off.anyio_threads()
+        left.wait, seconds, abandon_on_cancel=True, limiter=off.anyio_threads()
     )
 
 
-async def fail(off: Offloader, work: WorkerCall, what: str, *, invalidate: bool) -> None:
+async def fail(off: Offloader, call: Call, what: str, *, invalidate: bool) -> None:
     """Mark the unit of work failed, then discard the session; shielded."""
-    if work.committing and work.committed:
+    if call.committing and call.committed:
         outcome = "its COMMIT had reached the database, so the transaction IS committed"
         logger.warning(
             "commit() was interrupted (%s) after the database had committed: the "
             "transaction IS committed, although the caller sees an interruption",
             what,
         )
-    elif work.committing:
+    elif call.committing:
         outcome = "its commit() did not complete and it was rolled back"
         logger.warning(
             "commit() was interrupted (%s) while in flight: the database applies a "
@@ -141,7 +148,7 @@ async def fail(off: Offloader, work: WorkerCall, what: str, *, invalidate: bool)
         )
     else:
         outcome = "its transaction was rolled back, nothing of it is committed"
-    if off.failure is None or work.aborted:
+    if off.failure is None or call.state is STOPPED:
         off.failure = f"{what}; {outcome}"
     await discard(off, invalidate=invalidate)
 
@@ -152,14 +159,15 @@ async def discard(off: Offloader, *, invalidate: bool) -> None:
     if not invalidate and not session.in_transaction():
         session.close()  # no transaction, so no connection: no IO
         return
-    work = WorkerCall(lambda: discard_session(session, invalidate))
+    call = Call(lambda: discard_session(session, invalidate))
     with anyio.move_on_after(off.cleanup_timeout):
-        await off.run_in_thread(work)
+        await off.run_in_thread(call)
         return
-    if not work.abandon():  # never started: try again, invalidating, without a deadline
+    left = call.abandon()
+    if left is None:  # never started: try again, invalidating, without a deadline
         await anyio.to_thread.run_sync(discard_session, session, True, limiter=off.anyio_threads())
         return
-    if work.finished.is_set():
+    if left.is_set():
         return
     logger.warning(
         "rolling back took longer than %g s; shutting down the connection's socket so it "
@@ -167,7 +175,7 @@ async def discard(off: Offloader, *, invalidate: bool) -> None:
         off.cleanup_timeout,
     )
     sever(session)
-    await _wait(off, work, None)
+    await _wait(off, left, None)
 
 
 def discard_session(session: Session, invalidate: bool) -> None:
@@ -189,7 +197,7 @@ def discard_session(session: Session, invalidate: bool) -> None:
         logger.warning("invalidating the session's connection failed", exc_info=True)
 
 
-async def to_the_end(step: Coroutine[Any, Any, T]) -> T:
+async def shielded(step: Coroutine[Any, Any, T]) -> T:
     """Await a cleanup ``step`` to its end, whatever cancels the calling task meanwhile.
 
     ``anyio.CancelScope(shield=True)`` stops cancel scopes, but not asyncio's own

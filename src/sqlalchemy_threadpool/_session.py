@@ -26,7 +26,7 @@ from typing_extensions import ParamSpec, Self, TypeVarTuple, Unpack
 from ._attrs import remember_facade
 from ._exceptions import ConfigurationError
 from ._members import attribute, generate_members, offloaded, plain, settable
-from ._results import check_callable, make_loop_safe
+from ._results import check_callable
 from ._streams import ThreadpoolStreamResult, ThreadpoolStreamScalarResult, open_stream
 from ._transaction import ThreadpoolSessionTransaction
 
@@ -105,7 +105,8 @@ class ThreadpoolSession:
             on first use exactly as ``threadpool_sessionmaker(bind, binds=binds,
             sync_session_class=sync_session_class)`` would be.
         """
-        from ._maker import implicit_maker, unwrap_binds  # the maker module imports this one
+        from ._binds import unwrap_binds
+        from ._maker import implicit_maker  # the maker module imports this one
 
         unwrapped = unwrap_binds({"bind": bind, "binds": binds})
         sync_bind: Engine | Connection | None = unwrapped["bind"]
@@ -141,8 +142,7 @@ class ThreadpoolSession:
     ) -> Any:
         session = self.sync_session
         return await self._offloader.call(
-            lambda: make_loop_safe(method(session, *args, **kwargs), name),
-            recovers=method in _RECOVERING,
+            lambda: method(session, *args, **kwargs), where=name, recovers=method in _RECOVERING
         )
 
     async def run(
@@ -157,9 +157,7 @@ class ThreadpoolSession:
         """
         check_callable(fn, "run()")
         session = self.sync_session
-        return await self._offloader.call(
-            lambda: make_loop_safe(fn(session, *args, **kwargs), "run()")
-        )
+        return await self._offloader.call(lambda: fn(session, *args, **kwargs), where="run()")
 
     run_sync = run
     """:meth:`run` under ``AsyncSession``'s name: ``fn(sync_session, *args, **kwargs)``."""
@@ -428,7 +426,7 @@ class ThreadpoolSession:
             with anyio.CancelScope(shield=True):
                 await self._offloader.finish(commit=commit)
         finally:
-            self._offloader.end_scope(reason)
+            self._offloader.end(reason)
 
     async def __aenter__(self) -> Self:
         return self

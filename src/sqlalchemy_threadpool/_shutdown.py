@@ -15,7 +15,8 @@ import anyio
 from sqlalchemy.engine import Engine
 
 from ._admission import admitted_offloaders
-from ._maker import engine_of, threadpool_sessionmaker
+from ._binds import engine_of
+from ._maker import threadpool_sessionmaker
 from ._worker_pool import WorkerPool, all_pools
 
 __all__ = ["shutdown"]
@@ -65,7 +66,7 @@ async def shutdown(
         with anyio.move_on_after(timeout) as scope:
             async with anyio.create_task_group() as group:
                 for offloader in victims:
-                    group.start_soon(offloader.drain, _REASON, sever_at)
+                    group.start_soon(offloader.shut_down, _REASON, sever_at)
         if scope.cancelled_caught:
             left = [o for o in admitted_offloaders(engine) if o.session.in_transaction()]
             logger.warning(

@@ -1,12 +1,24 @@
 """How worker threads and the event loop wake each other: eventfds, kept GIL, one reader.
 
-The wake-up half of :mod:`._worker` (whose docstring says why the loop thread keeps the GIL):
-:data:`EVENTFD` says whether eventfds are used; :data:`write_keeping_gil` and
-:data:`read_eventfd` are libc's ``eventfd_write``/``eventfd_read`` called through
-:class:`ctypes.PyDLL`, so without releasing the GIL, and checked; :data:`in_flight` counts the
-calls in flight to a worker in the process; :func:`asyncio_notifier` gives a worker the way to
-resolve a future of an asyncio loop (one :class:`LoopWaker`, an eventfd reader, per loop).
+The wake-up half of :mod:`._call`'s dedicated workers: :data:`EVENTFD` says whether eventfds
+are used; :data:`write_keeping_gil` and :data:`read_eventfd` are libc's
+``eventfd_write``/``eventfd_read`` called through :class:`ctypes.PyDLL`, so without releasing
+the GIL, and checked; :data:`in_flight` counts the calls in flight to a worker in the process;
+:func:`asyncio_notifier` gives a worker the way to resolve a future of an asyncio loop (one
+:class:`LoopWaker`, an eventfd reader, per loop); :func:`sleeper` is how an idle worker waits.
 Everything here is reset in a forked child.
+
+**The GIL and the event-loop thread.** Every ``os`` syscall releases the GIL, and a thread that
+wants it back while another runs Python waits until that one blocks or the interpreter's switch
+interval (5 ms) forces a switch. The loop thread drives every task, so it must not give the GIL
+away in the middle of its work while workers are busy: under concurrency such waits were most
+of its time and set the event loop's lag (profiled in ``bench/RESULTS.md``). So the loop resets
+its eventfds with a read that keeps the GIL, and wakes a worker with a write that keeps it too
+while other calls are in flight (libc through :class:`ctypes.PyDLL`; the eventfds are
+non-blocking, so neither call can block). Only when the call is the only one in flight does the
+wake-up release the GIL, which hands it straight to the woken thread: that makes a lone hop
+(W0/W1) cheaper, and nobody else is waiting for it then. Workers release the GIL freely: to
+wake the loop and in every driver call.
 """
 
 from __future__ import annotations
@@ -15,6 +27,8 @@ import asyncio
 import contextlib
 import errno
 import os
+import select
+import threading
 import weakref
 from collections import deque
 from collections.abc import Callable
@@ -31,6 +45,7 @@ __all__ = [
     "asyncio_notifier",
     "in_flight",
     "read_eventfd",
+    "sleeper",
     "write_keeping_gil",
 ]
 
@@ -153,6 +168,25 @@ def asyncio_notifier(
 def _resolve(future: asyncio.Future[None]) -> None:
     if not future.done():  # not cancelled meanwhile
         future.set_result(None)
+
+
+def sleeper(fd: int | None, go: threading.Lock, idle: float) -> Callable[[], bool]:
+    """How a worker thread waits for a wake-up (on ``fd``, else on the raw lock ``go``), at
+    most ``idle`` seconds (then ``False``)."""
+    if fd is None:
+        return lambda: go.acquire(timeout=idle)
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    idle_ms = idle * 1000
+
+    def sleep() -> bool:
+        if not poller.poll(idle_ms):
+            return False
+        with contextlib.suppress(BlockingIOError):  # (reset by an earlier read)
+            os.eventfd_read(fd)
+        return True
+
+    return sleep
 
 
 def _forget_after_fork() -> None:

@@ -4,7 +4,7 @@ A :class:`WorkerPool` is an object: the process's default one, a maker's own, or
 application makes and gives to several makers (``workers=``). :func:`pool_for` is how a maker
 picks its pool from its options, for the constructor and ``configure()`` alike. Every live pool
 is known to the fork hook, so a forked child starts with empty pools. The threads themselves
-are :mod:`._worker`'s.
+are :mod:`._call`'s (``Worker``).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import threading
 import weakref
 from typing import Any
 
+from ._call import Worker
 from ._exceptions import ConfigurationError
-from ._worker import Worker
 
 __all__ = ["DEFAULT_POOL", "IDLE_TIMEOUT", "WorkerPool", "all_pools", "pool_for"]
 

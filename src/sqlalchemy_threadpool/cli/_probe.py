@@ -32,8 +32,8 @@ from sqlalchemy.orm import Session
 from sqlalchemy.pool import QueuePool
 
 from .. import ConfigurationError, threadpool_sessionmaker
+from .._binds import pool_capacity  # internal: the capacity a maker sizes its limiter to
 from .._cancel import canceller_for  # internal: the driver's statement canceller, if any
-from .._capacity import pool_capacity  # internal: what an engine's capacity is sized to
 from ._lag import recording_lag
 
 __all__ = [
