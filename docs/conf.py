@@ -68,7 +68,7 @@ nitpick_ignore_regex = [
     ("py:.*", r"(sqlalchemy_threadpool\.)?_.*"),
     ("py:.*", r"sqlalchemy\..*\._.*"),
     ("py:class", r"(P|R|T|_R|_T|_Ts)(\.args|\.kwargs)?"),
-    ("py:class", r"typing_extensions\..*"),
+    ("py:class|py:obj", r"typing_extensions\..*"),
     # SQLAlchemy's typing aliases in its own signatures, undocumented there too.
     ("py:class", r"OrmExecuteOptionsParameter|TypedReturnsRows|RMKeyView|ScopedRegistry"),
     ("py:class", r"sqlalchemy\.engine\.row\.Row"),  # not in SQLAlchemy's inventory

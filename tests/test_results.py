@@ -18,6 +18,7 @@ import pytest
 from sqlalchemy import Engine, insert, select
 from sqlalchemy.engine import FrozenResult, Result
 from sqlalchemy.ext.asyncio import result as async_result
+from typing_extensions import Unpack
 
 from helpers import Overlap, checked_out
 from models import User
@@ -86,7 +87,9 @@ async def _seed_users(engine: Engine, count: int) -> list[int]:
 _IDS_AND_NAMES = select(User.id, User.name).order_by(User.id)
 
 
-def _count_reads(result: ThreadpoolResult[Any], fetches: Overlap, sizes: list[Any]) -> None:
+def _count_reads(
+    result: ThreadpoolResult[Unpack[tuple[Any, ...]]], fetches: Overlap, sizes: list[Any]
+) -> None:
     """Count the reads from the sync result (the IO), as the 10 000-row test does."""
     real = result._rows._real
     original = real._fetchmany_impl

@@ -15,18 +15,24 @@ first statement (or ``begin()``) runs and goes back to the pool at ``commit()`` 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Coroutine, Generator
+from collections.abc import Callable, Generator
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Concatenate, Generic, Protocol, TypeVar, cast, overload
+from typing import TYPE_CHECKING, Any, Concatenate, TypeVar, cast, overload
 
 import anyio
-from sqlalchemy.engine import Connection, Engine, Row
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import InvalidRequestError, ResourceClosedError
 from typing_extensions import ParamSpec, Self, TypeVarTuple, Unpack
 
 from ._results import check_callable, make_loop_safe
 from ._session import ThreadpoolSession
-from ._streams import ThreadpoolStreamResult, ThreadpoolStreamScalarResult, open_stream
+from ._streams import (
+    StreamOpening,
+    ThreadpoolResult,
+    ThreadpoolScalarResult,
+    UntypedResult,
+    open_stream,
+)
 from ._transaction import ThreadpoolTransaction
 
 if TYPE_CHECKING:
@@ -185,7 +191,7 @@ class ThreadpoolConnection:
         parameters: _CoreAnyExecuteParams | None = None,
         *,
         execution_options: CoreExecuteOptionsParameter | None = None,
-    ) -> _Opening[ThreadpoolStreamResult[Row[_TP]]]: ...
+    ) -> StreamOpening[ThreadpoolResult[_TP]]: ...
     @overload
     def stream(  # SQLAlchemy 2.1
         self,
@@ -193,7 +199,7 @@ class ThreadpoolConnection:
         parameters: _CoreAnyExecuteParams | None = None,
         *,
         execution_options: CoreExecuteOptionsParameter | None = None,
-    ) -> _Opening[ThreadpoolStreamResult[Row[Unpack[_Ts]]]]: ...  # type: ignore[valid-type, type-arg, unused-ignore]
+    ) -> StreamOpening[ThreadpoolResult[Unpack[_Ts]]]: ...  # type: ignore[valid-type, type-arg, unused-ignore]
     @overload
     def stream(
         self,
@@ -201,14 +207,14 @@ class ThreadpoolConnection:
         parameters: _CoreAnyExecuteParams | None = None,
         *,
         execution_options: CoreExecuteOptionsParameter | None = None,
-    ) -> _Opening[ThreadpoolStreamResult[Any]]: ...
+    ) -> StreamOpening[UntypedResult]: ...
     def stream(
         self,
         statement: Executable,
         parameters: _CoreAnyExecuteParams | None = None,
         *,
         execution_options: CoreExecuteOptionsParameter | None = None,
-    ) -> _Opening[ThreadpoolStreamResult[Any]]:
+    ) -> StreamOpening[UntypedResult]:
         """Execute with a server-side cursor; rows are read a chunk at a time in a worker.
 
         ``async with conn.stream(stmt) as result:`` closes the cursor at the end; ``result =
@@ -216,7 +222,7 @@ class ThreadpoolConnection:
         """
         options = {**(execution_options or {}), "stream_results": True}
 
-        async def open_() -> ThreadpoolStreamResult[Any]:
+        async def open_() -> UntypedResult:
             self._check_open()
             result = await self._call(
                 lambda c: c.execute(statement, parameters, execution_options=options),
@@ -225,22 +231,54 @@ class ThreadpoolConnection:
             )
             return open_stream(result, self._offloader)
 
-        return _Opening(open_)
+        return StreamOpening(open_)
 
+    @overload
+    def stream_scalars(  # SQLAlchemy 2.0 (on 2.1: a single column of a tuple type)
+        self,
+        statement: TypedReturnsRows[tuple[T, Unpack[tuple[Any, ...]]]],
+        parameters: _CoreAnyExecuteParams | None = None,
+        *,
+        execution_options: CoreExecuteOptionsParameter | None = None,
+    ) -> StreamOpening[ThreadpoolScalarResult[T]]: ...
+    @overload
+    def stream_scalars(  # SQLAlchemy 2.1, one column
+        self,
+        statement: TypedReturnsRows[T],  # type: ignore[type-var, unused-ignore]
+        parameters: _CoreAnyExecuteParams | None = None,
+        *,
+        execution_options: CoreExecuteOptionsParameter | None = None,
+    ) -> StreamOpening[ThreadpoolScalarResult[T]]: ...
+    @overload
+    def stream_scalars(  # SQLAlchemy 2.1, several columns
+        self,
+        statement: TypedReturnsRows[T, Unpack[_Ts]],  # type: ignore[type-arg, valid-type, misc, unused-ignore]
+        parameters: _CoreAnyExecuteParams | None = None,
+        *,
+        execution_options: CoreExecuteOptionsParameter | None = None,
+    ) -> StreamOpening[ThreadpoolScalarResult[T]]: ...
+    @overload
     def stream_scalars(
         self,
         statement: Executable,
         parameters: _CoreAnyExecuteParams | None = None,
         *,
         execution_options: CoreExecuteOptionsParameter | None = None,
-    ) -> _Opening[ThreadpoolStreamScalarResult[Any]]:
+    ) -> StreamOpening[ThreadpoolScalarResult[Any]]: ...
+    def stream_scalars(
+        self,
+        statement: Executable,
+        parameters: _CoreAnyExecuteParams | None = None,
+        *,
+        execution_options: CoreExecuteOptionsParameter | None = None,
+    ) -> StreamOpening[ThreadpoolScalarResult[Any]]:
         """Like :meth:`stream`, returning the first column of each row."""
 
-        async def open_() -> ThreadpoolStreamScalarResult[Any]:
+        async def open_() -> ThreadpoolScalarResult[Any]:
             opened = self.stream(statement, parameters, execution_options=execution_options)
             return (await opened).scalars()
 
-        return _Opening(open_)
+        return StreamOpening(open_)
 
     # -- transactions ------------------------------------------------------------------
 
@@ -396,36 +434,3 @@ class ThreadpoolConnection:
         tb: TracebackType | None,
     ) -> None:
         await self.close()
-
-
-class _Closable(Protocol):
-    async def close(self) -> None: ...
-
-
-_C = TypeVar("_C", bound=_Closable)
-
-
-class _Opening(Generic[_C]):
-    """What :meth:`ThreadpoolConnection.stream` returns: ``await`` it, or ``async with`` it."""
-
-    __slots__ = ("_open", "_result")
-
-    def __init__(self, open_: Callable[[], Coroutine[Any, Any, _C]]) -> None:
-        self._open = open_
-        self._result: _C | None = None
-
-    def __await__(self) -> Generator[Any, None, _C]:
-        return self._open().__await__()
-
-    async def __aenter__(self) -> _C:
-        self._result = await self._open()
-        return self._result
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self._result is not None:
-            await self._result.close()

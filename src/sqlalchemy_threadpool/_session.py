@@ -17,7 +17,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Concatenate, Final, TypeVar, cast, overload
 
 import anyio
-from sqlalchemy.engine import Connection, Engine, Row
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import InvalidRequestError
 from sqlalchemy.orm import Session, object_session
 from sqlalchemy.util import EMPTY_DICT
@@ -27,7 +27,7 @@ from ._attrs import remember_facade
 from ._exceptions import ConfigurationError
 from ._members import attribute, generate_members, offloaded, plain, settable
 from ._results import check_callable
-from ._streams import ThreadpoolStreamResult, ThreadpoolStreamScalarResult, open_stream
+from ._streams import ThreadpoolResult, ThreadpoolScalarResult, UntypedResult, open_stream
 from ._transaction import ThreadpoolSessionTransaction
 
 if TYPE_CHECKING:
@@ -292,7 +292,7 @@ class ThreadpoolSession:
         execution_options: Mapping[str, Any] | None = EMPTY_DICT,
         bind_arguments: _BindArguments | None = None,
         **kw: Any,
-    ) -> ThreadpoolStreamResult[Row[_TP]]: ...
+    ) -> ThreadpoolResult[_TP]: ...
     @overload
     async def stream(  # SQLAlchemy 2.1
         self,
@@ -302,7 +302,7 @@ class ThreadpoolSession:
         execution_options: Mapping[str, Any] | None = EMPTY_DICT,
         bind_arguments: _BindArguments | None = None,
         **kw: Any,
-    ) -> ThreadpoolStreamResult[Row[Unpack[_Ts]]]: ...  # type: ignore[valid-type, type-arg, unused-ignore]
+    ) -> ThreadpoolResult[Unpack[_Ts]]: ...  # type: ignore[valid-type, type-arg, unused-ignore]
     @overload
     async def stream(
         self,
@@ -312,7 +312,7 @@ class ThreadpoolSession:
         execution_options: Mapping[str, Any] | None = EMPTY_DICT,
         bind_arguments: _BindArguments | None = None,
         **kw: Any,
-    ) -> ThreadpoolStreamResult[Any]: ...
+    ) -> UntypedResult: ...
     async def stream(
         self,
         statement: Executable,
@@ -321,7 +321,7 @@ class ThreadpoolSession:
         execution_options: Mapping[str, Any] | None = EMPTY_DICT,
         bind_arguments: _BindArguments | None = None,
         **kw: Any,
-    ) -> ThreadpoolStreamResult[Any]:
+    ) -> UntypedResult:
         """Execute with a server-side cursor; rows are read a chunk at a time in a worker.
 
         Use ``async with await sess.stream(stmt) as result:`` (or exhaust it) so the cursor is
@@ -350,7 +350,7 @@ class ThreadpoolSession:
         execution_options: Mapping[str, Any] | None = EMPTY_DICT,
         bind_arguments: _BindArguments | None = None,
         **kw: Any,
-    ) -> ThreadpoolStreamScalarResult[T]: ...
+    ) -> ThreadpoolScalarResult[T]: ...
     @overload
     async def stream_scalars(  # SQLAlchemy 2.1, one column
         self,
@@ -360,7 +360,7 @@ class ThreadpoolSession:
         execution_options: Mapping[str, Any] | None = EMPTY_DICT,
         bind_arguments: _BindArguments | None = None,
         **kw: Any,
-    ) -> ThreadpoolStreamScalarResult[T]: ...
+    ) -> ThreadpoolScalarResult[T]: ...
     @overload
     async def stream_scalars(  # SQLAlchemy 2.1, several columns
         self,
@@ -370,7 +370,7 @@ class ThreadpoolSession:
         execution_options: Mapping[str, Any] | None = EMPTY_DICT,
         bind_arguments: _BindArguments | None = None,
         **kw: Any,
-    ) -> ThreadpoolStreamScalarResult[T]: ...
+    ) -> ThreadpoolScalarResult[T]: ...
     @overload
     async def stream_scalars(
         self,
@@ -380,7 +380,7 @@ class ThreadpoolSession:
         execution_options: Mapping[str, Any] | None = EMPTY_DICT,
         bind_arguments: _BindArguments | None = None,
         **kw: Any,
-    ) -> ThreadpoolStreamScalarResult[Any]: ...
+    ) -> ThreadpoolScalarResult[Any]: ...
     async def stream_scalars(
         self,
         statement: Executable,
@@ -389,7 +389,7 @@ class ThreadpoolSession:
         execution_options: Mapping[str, Any] | None = EMPTY_DICT,
         bind_arguments: _BindArguments | None = None,
         **kw: Any,
-    ) -> ThreadpoolStreamScalarResult[Any]:
+    ) -> ThreadpoolScalarResult[Any]:
         """Like :meth:`stream`, returning the first column of each row."""
         result = await self.stream(
             statement,

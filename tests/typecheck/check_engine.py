@@ -8,7 +8,7 @@ from typing import Any
 
 from sqlalchemy import Connection, ScalarResult, insert, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection
-from typing_extensions import assert_type
+from typing_extensions import Unpack, assert_type
 
 from models import User
 from sqlalchemy_threadpool import (
@@ -66,7 +66,7 @@ async def check_the_rest(engine: ThreadpoolEngine) -> None:
         assert_type(await conn.begin_nested(), ThreadpoolTransaction)
         async with conn.stream(select(User.id)) as result:
             assert_type(result.scalars(), ThreadpoolStreamScalarResult[int])
-        assert_type(await conn.stream(text("x")), ThreadpoolStreamResult[Any])
+        assert_type(await conn.stream(text("x")), ThreadpoolStreamResult[Unpack[tuple[Any, ...]]])
         assert_type(await conn.stream_scalars(text("x")), ThreadpoolStreamScalarResult[Any])
     conn = await engine.connect()
     assert_type(conn, ThreadpoolConnection)

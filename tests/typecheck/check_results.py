@@ -15,7 +15,7 @@ from sqlalchemy import select, text
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.engine.result import RMKeyView
 from sqlalchemy.ext.asyncio import AsyncSession
-from typing_extensions import assert_type
+from typing_extensions import Unpack, assert_type
 
 from models import User
 from sqlalchemy_threadpool import (
@@ -76,9 +76,11 @@ async def yield_per_and_keys(sess: ThreadpoolSession) -> None:
 
 async def aliases(sess: ThreadpoolSession) -> None:
     untyped = await sess.stream(text("select 1"))
-    assert_type(untyped, ThreadpoolResult[Any])
-    old_name: ThreadpoolStreamResult[Any] = untyped  # the earlier name is the same class
-    assert_type(old_name, ThreadpoolResult[Any])
+    assert_type(untyped, ThreadpoolResult[Unpack[tuple[Any, ...]]])
+    old_name: ThreadpoolStreamResult[Unpack[tuple[Any, ...]]] = (
+        untyped  # the earlier name is the same class
+    )
+    assert_type(old_name, ThreadpoolResult[Unpack[tuple[Any, ...]]])
 
 
 async def scoped_sessions(maker: threadpool_sessionmaker, sess: ThreadpoolSession) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 from sqlalchemy import select, text
 from sqlalchemy.engine import RowMapping
-from typing_extensions import assert_type
+from typing_extensions import Unpack, assert_type
 
 from models import User
 from sqlalchemy_threadpool import (
@@ -78,7 +78,7 @@ async def stream_rows(sess: ThreadpoolSession) -> None:
         assert_type(user, User)
 
     untyped = await sess.stream(text("select 1"))
-    assert_type(untyped, ThreadpoolStreamResult[Any])
+    assert_type(untyped, ThreadpoolStreamResult[Unpack[tuple[Any, ...]]])
     assert_type(untyped.scalars(), ThreadpoolStreamScalarResult[Any])
     async with untyped as opened:
-        assert_type(opened, ThreadpoolStreamResult[Any])
+        assert_type(opened, ThreadpoolStreamResult[Unpack[tuple[Any, ...]]])
