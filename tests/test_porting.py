@@ -13,15 +13,18 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
+import typing
 import weakref
 from pathlib import Path
 
 import anyio
 import pytest
-from sqlalchemy import Engine, create_engine, func, select, text
+from sqlalchemy import Engine, create_engine, event, func, insert, select, text
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import SingletonThreadPool, StaticPool
 
+from helpers import checked_out, user_count, user_names
 from models import Base, User
 from sqlalchemy_threadpool import (
     ConfigurationError,
@@ -165,24 +168,31 @@ EXIT_PROGRAM = textwrap.dedent(
 
     engine = create_threadpool_engine(sys.argv[1])  # made at import time, never disposed
     maker = threadpool_sessionmaker(engine)
+    # made at import time too, outside any loop: one per event loop the program runs
+    module_sessions = {"asyncio": ThreadpoolSession(engine), "trio": ThreadpoolSession(engine)}
 
-    async def main() -> None:
+    async def main(loop: str) -> None:
         async with engine.connect() as conn:
             assert await conn.scalar(text("SELECT 1")) == 1
         async with ThreadpoolSession(engine) as sess:
             assert await sess.scalar(text("SELECT 2")) == 2
         async with maker() as sess:
             assert await sess.scalar(text("SELECT 3")) == 3
+        module_session = module_sessions[loop]
+        for _ in range(2):  # closed at the end of the block, and used again
+            async with module_session:
+                assert await module_session.scalar(text("SELECT 4")) == 4
 
-    asyncio.run(main())
-    trio.run(main)
+    asyncio.run(main("asyncio"))
+    trio.run(main, "trio")
     print("done")
     """
 )
 
 
 def test_idle_workers_do_not_keep_the_interpreter_alive(db_url: str) -> None:
-    """The program runs a session on asyncio, then on trio, and never shuts anything down."""
+    """Engine, maker and a session made at import time; used on asyncio, then on trio; the
+    program never disposes or shuts anything down, and still exits."""
     process = subprocess.run(
         [sys.executable, "-X", "dev", "-W", "error", "-c", EXIT_PROGRAM, db_url],
         capture_output=True,
@@ -191,6 +201,105 @@ def test_idle_workers_do_not_keep_the_interpreter_alive(db_url: str) -> None:
         env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
     )
     assert (process.returncode, process.stdout, process.stderr) == (0, "done\n", "")
+
+
+# -- what client code does with sessions and events ------------------------------------------
+
+
+async def test_thirty_sessions_on_a_pool_of_fifteen_queue(db_url: str, engine: Engine) -> None:
+    """Each holds a connection in a transaction; the other fifteen wait on the loop, then run."""
+    tp_engine = create_threadpool_engine(db_url, pool_size=15, max_overflow=0, pool_timeout=10)
+    maker = threadpool_sessionmaker(tp_engine)
+    assert maker.limiter.total_tokens == 15
+    held: list[int] = []
+    most = 0
+    release = anyio.Event()
+
+    async def one(i: int) -> None:
+        nonlocal most
+        async with maker.begin() as sess:
+            assert await sess.scalar(text("SELECT 1")) == 1  # holds a connection now
+            held.append(i)
+            most = max(most, checked_out(tp_engine.sync_engine))
+            await release.wait()
+            sess.add(User(name=f"queued{i:02}"))
+
+    try:
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as group:
+                for i in range(30):
+                    group.start_soon(one, i)
+                while len(held) < 15 or maker.limiter.statistics().tasks_waiting < 15:  # noqa: ASYNC110
+                    await anyio.sleep(0.01)  # bounded by fail_after
+                assert len(held) == 15  # the rest queue for admission, holding no thread
+                assert checked_out(tp_engine.sync_engine) == 15
+                release.set()
+        assert sorted(held) == list(range(30))
+        assert most == 15
+        assert user_count(engine) == 30
+        assert checked_out(tp_engine.sync_engine) == 0
+    finally:
+        await tp_engine.dispose()
+
+
+async def test_a_second_stream_inside_another_streams_async_for(
+    engine: Engine, dialect_name: str
+) -> None:
+    """On PostgreSQL and SQLite the outer cursor is read between the inner streams; MySQL's
+    protocol has one unbuffered result per connection, so there the outer rows fit in the
+    first chunk (PyMySQL drops the rest of an unfinished one, with a warning)."""
+    async with ThreadpoolSession(engine) as sess:
+        sess.add_all([User(name=f"s{i}") for i in range(5)])
+        await sess.commit()
+    pairs: list[tuple[str, int]] = []
+    async with ThreadpoolSession(engine) as sess:
+        outer = await sess.stream(select(User.name).order_by(User.name))
+        if dialect_name != "mysql":
+            outer.yield_per(2)  # two rows per read: reads of the outer cursor interleave
+        async with outer:
+            async for (name,) in outer:
+                inner = await sess.stream(select(func.count()).select_from(User))
+                async with inner:
+                    pairs.append((name, await inner.scalar_one()))
+    assert pairs == [(f"s{i}", 5) for i in range(5)]
+    assert checked_out(engine) == 0
+
+
+async def test_events_on_the_sync_engine_and_session_run_in_the_worker(engine: Engine) -> None:
+    """A ``before_commit`` handler that runs SQL, as client code registers it on
+    ``session.sync_session``; an engine event registered on ``engine.sync_engine``."""
+    tp_engine = ThreadpoolEngine(engine)
+    statement_threads: list[bool] = []
+
+    def on_statement(*args: object) -> None:
+        statement_threads.append(threading.current_thread() is threading.main_thread())
+
+    def audit(session: Session) -> None:  # runs SQL inside the commit
+        session.execute(insert(User).values(name="audited"))
+
+    event.listen(tp_engine.sync_engine, "before_cursor_execute", on_statement)
+    try:
+        async with ThreadpoolSession(tp_engine) as sess:
+            event.listen(sess.sync_session, "before_commit", audit)
+            sess.add(User(name="committed"))
+            await sess.commit()  # the guard would raise if the handler's SQL ran on the loop
+    finally:
+        event.remove(tp_engine.sync_engine, "before_cursor_execute", on_statement)
+    assert user_names(engine) == {"committed", "audited"}
+    assert statement_threads
+    assert not any(statement_threads)  # every statement ran in a worker
+    assert checked_out(engine) == 0
+
+
+def test_the_maker_is_generic_at_run_time_too() -> None:
+    """``threadpool_sessionmaker[ThreadpoolSession]`` in an annotation evaluated at run time
+    (FastAPI, pydantic and dataclasses evaluate theirs), as ``async_sessionmaker[...]``."""
+
+    def handler(maker: threadpool_sessionmaker[ThreadpoolSession]) -> None: ...
+
+    hints = typing.get_type_hints(handler)
+    assert typing.get_origin(hints["maker"]) is threadpool_sessionmaker
+    assert typing.get_args(hints["maker"]) == (ThreadpoolSession,)
 
 
 # -- the rename script ---------------------------------------------------------------------
