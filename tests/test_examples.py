@@ -34,7 +34,13 @@ def run_example(name: str, url: str, cwd: Path) -> list[str]:
         env={**os.environ, "DATABASE_URL": url},
     )
     assert proc.returncode == 0, proc.stderr
-    assert proc.stderr == ""
+    # Nothing on stderr but, on a loaded machine, the admission log's "a session waited N s
+    # for a database connection and was admitted" (issue 13: load-dependent by design).
+    assert [
+        line
+        for line in proc.stderr.splitlines()
+        if "for a database connection and was admitted" not in line
+    ] == []
     return proc.stdout.splitlines()
 
 
