@@ -17,7 +17,7 @@ engine ``before_cursor_execute``  a call given up on (abandoned or stopped)    h
                                   may not start a statement
 pool ``checkin``                  count check-ins (a cancel never reaches the  ``_cancel``
                                   connection's next user)
-engine ``engine_disposed``        close the ``KILL QUERY`` side connection     ``_cancel``
+engine ``engine_disposed``        close the ``KILL QUERY`` side connection     ``_kill_query``
 session and engine events of the  SQL about to run on the event-loop thread    ``_guard``
 guard (unless ``guard="off"``)
 ================================  ===========================================  ===========
@@ -43,9 +43,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from . import _guard
 from ._call import RUNNING, Call, running
-from ._cancel import close_side_connection, count_checkin, track_connections
+from ._cancel import count_checkin, track_connections
 from ._exceptions import ThreadpoolSessionError
 from ._guard import GuardMode
+from ._kill_query import close_side_connection
 from ._results import prebuffer_rows
 
 __all__ = ["install", "watch_binds", "watch_side_connection"]

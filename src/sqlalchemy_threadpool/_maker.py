@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from typing_extensions import TypeVar
 
 from ._binds import binds_of, check_memory_database, pool_timeout, unwrap_binds
-from ._cancel import StatementCanceller, canceller_for
+from ._cancel import StatementCanceller
 from ._capacity import Gate, make_gate
 from ._events import install as install_events
 from ._events import watch_binds
@@ -288,7 +288,8 @@ class threadpool_sessionmaker(Generic[_TS]):
             gate=gate,
             gate_key=key,
             admission_timeout=admission_timeout,
-            canceller=canceller_for(bind) if options["cancel_statements"] else None,
+            # Per connection, by its own engine (binds=, a routing get_bind): not by ``bind``.
+            canceller=StatementCanceller() if options["cancel_statements"] else None,
             workers=workers if offload == "worker" else None,
         )
 

@@ -34,7 +34,7 @@ import anyio
 from sqlalchemy.orm import Session
 
 from ._call import STOPPED, Call
-from ._cancel import cancel_statements, sever
+from ._cancel import sever
 
 if TYPE_CHECKING:
     from ._offload import Offloader
@@ -84,7 +84,9 @@ async def _cancel_until_left(
     off: Offloader, left: threading.Event, sever_at: float | None = None
 ) -> None:
     """Make a call given up on leave its worker: cancel its statement until ``left``."""
-    if off.canceller is None:  # no mechanism, or cancel_statements=False: wait, but
+    canceller = off.canceller
+    if canceller is None or not canceller.applies_to(off.session):
+        # cancel_statements=False, or no mechanism for any engine of the session: wait, but
         if sever_at is not None:  # shutdown() cuts the connection at its deadline
             gone = await _wait(off, left, max(0.0, sever_at - anyio.current_time()))
             if not gone:
@@ -95,9 +97,8 @@ async def _cancel_until_left(
         sever_at = anyio.current_time() + off.cleanup_timeout
     pause, loud = _FIRST_RECANCEL_PAUSE, True
     while not left.is_set():
-        await anyio.to_thread.run_sync(
-            cancel_statements,
-            off.canceller,
+        await anyio.to_thread.run_sync(  # each connection through its own engine's mechanism
+            canceller.cancel,
             off.session,
             left,
             loud,

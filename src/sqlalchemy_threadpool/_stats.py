@@ -59,7 +59,9 @@ class ThreadpoolStats:
     ``offload="anyio"``, whose threads are anyio's, shared with the whole application."""
 
     in_flight: int
-    """Calls handed to worker threads and not finished yet (at most ``in_use``)."""
+    """Calls handed to worker threads and not finished yet. For :func:`engine_stats`, those of
+    the sessions admitted on the engine and of any other session that holds a connection of it
+    (a routing ``get_bind`` reaches engines its session was not admitted on)."""
 
     def __repr__(self) -> str:
         return (
@@ -105,6 +107,7 @@ def engine_stats(engine: Engine | Connection | ThreadpoolEngine) -> ThreadpoolSt
         capacity.limiter,
         lambda g: _has(g, capacity),
         list(capacity.pools),
+        engine.engine,
     )
 
 
@@ -113,9 +116,14 @@ def _has(gate: Gate, capacity: Capacity) -> bool:
 
 
 def _snapshot(
-    limiter: anyio.CapacityLimiter, counts: Callable[[Gate], bool], pools: list[WorkerPool]
+    limiter: anyio.CapacityLimiter,
+    counts: Callable[[Gate], bool],
+    pools: list[WorkerPool],
+    engine: Engine | None = None,
 ) -> ThreadpoolStats:
-    """Read the counts; ``counts(gate)`` says whether a session with that gate is counted."""
+    """Read the counts; ``counts(gate)`` says whether a session with that gate is counted; a
+    call in flight also counts if its session holds a connection of ``engine`` (one reached
+    by a routing ``get_bind``, not admitted on that engine)."""
     now = time.monotonic()
     # ``list()`` of a dict's items copies it without running Python code, so no other thread
     # can change it meanwhile; ``keyrefs()`` does the same for the weak registry.
@@ -123,7 +131,9 @@ def _snapshot(
     in_flight = 0
     for ref in _admission.admitted.keyrefs():
         offloader: Offloader | None = ref()
-        if offloader is not None and offloader.current is not None and counts(offloader.limiter):
+        if offloader is None or offloader.current is None:
+            continue
+        if counts(offloader.limiter) or (engine is not None and offloader.uses(engine)):
             in_flight += 1
     return ThreadpoolStats(
         capacity=int(limiter.total_tokens),
