@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
@@ -246,9 +247,11 @@ class Offloader:
                 if commit and not failed:
                     if not self.is_admitted:
                         await admit(self)
-                    await self._dispatch(self.session.commit)
+                    # One hop for both: closing after a commit detaches the objects, work
+                    # better done in the thread than on the loop.
+                    await self._dispatch(partial(_commit_and_close, self.session))
             finally:
-                await discard(self, invalidate=False)
+                await discard(self, invalidate=False)  # (after a commit: nothing left to do)
                 self._release_if_idle()
         if commit and failed:
             self.check_usable()
@@ -323,6 +326,12 @@ class Offloader:
             if self.session.in_transaction():
                 await discard(self, invalidate=False)
             self._release_if_idle()
+
+
+def _commit_and_close(session: Session) -> None:
+    """Commit, then close: the end of a unit of work that went well, in one worker call."""
+    session.commit()
+    session.close()
 
 
 def _holds_connection(session: Session) -> bool:

