@@ -224,7 +224,27 @@ class Offloader:
         there is no transaction; a failed unit of work is acknowledged, as by ``close()``. If
         closing fails, the connection is invalidated and the error propagates.
         """
-        await shielded(self._close())
+        session = self.session
+        if self._lock.locked() or session.in_transaction():
+            await shielded(self._close())
+            return
+        # No transaction, so no connection: no IO and no await, so no other call of the
+        # session can come in between and there is nothing to shield (the common exit of
+        # ``async with maker() as sess:`` after a commit).
+        self.failure = None
+        try:
+            session.close()
+        except Exception:
+            await shielded(self._invalidate())
+            raise
+        self._release_if_idle()
+
+    async def _invalidate(self) -> None:
+        async with self._lock:
+            try:
+                await discard(self, invalidate=True)
+            finally:
+                self._release_if_idle()
 
     async def _close(self) -> None:
         async with self._lock:
