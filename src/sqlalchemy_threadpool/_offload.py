@@ -193,13 +193,18 @@ class Offloader:
         the loop in the worker (:func:`~._results.make_loop_safe`). ``recovers`` marks
         ``rollback()``/``close()``: they clear a failed unit of work.
         """
-        self.check_open()
-        self._check_owner()
-        async with self._lock:
+        # (the checks inline: a method call each only when it raises)
+        if self._closed_reason is not None:
             self.check_open()
+        if self._strict:
+            self._check_owner()
+        async with self._lock:
+            if self._closed_reason is not None:
+                self.check_open()
             if recovers:
                 self.failure = None
-            self.check_usable()
+            elif self.failure is not None:
+                self.check_usable()
             if not self.is_admitted:
                 await admit(self)
             try:
@@ -316,7 +321,14 @@ class Offloader:
         self.current = call
         try:
             try:
-                value = await self.run_in_thread(call)
+                workers = self._workers
+                if workers is None:
+                    value = await self.run_in_thread(call)
+                else:  # (run_in_thread inline: one coroutine less per call)
+                    worker = self._worker
+                    if worker is None:  # kept until the session is released
+                        worker = self._worker = workers.acquire(self)
+                    value = await worker.call(call)
             except BaseException as exc:
                 own = exc is call.error
                 if own and isinstance(exc, Exception) and call.state is not STOPPED:

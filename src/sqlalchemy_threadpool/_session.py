@@ -104,13 +104,16 @@ class ThreadpoolSession:
             on first use exactly as ``threadpool_sessionmaker(bind, binds=binds,
             sync_session_class=sync_session_class)`` would be.
         """
-        from ._binds import unwrap_binds
-        from ._maker import implicit_maker  # the maker module imports this one
+        sync_bind: Engine | Connection | None = None
+        sync_binds: dict[Any, Engine | Connection] | None = None
+        if bind is not None or binds is not None:  # (``maker()`` passes neither)
+            from ._binds import unwrap_binds
 
-        unwrapped = unwrap_binds({"bind": bind, "binds": binds})
-        sync_bind: Engine | Connection | None = unwrapped["bind"]
-        sync_binds: dict[Any, Engine | Connection] | None = unwrapped["binds"]
+            unwrapped = unwrap_binds({"bind": bind, "binds": binds})
+            sync_bind, sync_binds = unwrapped["bind"], unwrapped["binds"]
         if maker is None:
+            from ._maker import implicit_maker  # the maker module imports this one
+
             maker = implicit_maker(
                 sync_bind, sync_binds, sync_session_class or self.sync_session_class
             )
