@@ -9,7 +9,9 @@ in one process (no subprocesses, so the numbers are this process's threads):
   backends or the MariaDB server; SQLite runs inside the workers), read from Linux's
   ``/proc/<pid>/task/<tid>/schedstat`` (nanoseconds of CPU, exact, unlike sampling);
 - with ``--cprofile N``, the N functions of the event-loop thread with the most own time
-  (``cProfile`` only sees the thread it is enabled in: the loop).
+  (``cProfile`` only sees the thread it is enabled in: the loop); ``--cprofile-cpu`` times
+  them in the thread's CPU time instead of wall-clock time, so that time spent preempted or
+  waiting for the GIL is not charged to whatever function was running.
 
 On 2 cores the process's threads share one GIL: the loop thread's and the workers' Python
 time add up to what one core can give, and the server runs on the other. A variant whose
@@ -152,6 +154,9 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cprofile", type=int, default=0, metavar="N")
+    parser.add_argument(
+        "--cprofile-cpu", action="store_true", help="profile in thread CPU time (time.thread_time)"
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -172,7 +177,8 @@ def main() -> None:
             for _ in range(args.repeats):
                 for name, variant in variants.items():
                     fixture.reset("W23")
-                    prof = cProfile.Profile() if args.cprofile else None
+                    clock = time.thread_time if args.cprofile_cpu else time.perf_counter
+                    prof = cProfile.Profile(clock) if args.cprofile else None
                     split = Split(args.database, prof)
                     if args.workload == "W2":
                         w2(variant, args.requests, args.tasks, split)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import threading
 import time
+from threading import get_ident
 
 import anyio
 import pytest
-from sqlalchemy import Engine, select, text
+from sqlalchemy import Engine, event, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -30,6 +31,31 @@ async def test_commit_on_success_is_visible_elsewhere(
     async with threadpool_session(maker) as sess:
         sess.add(User(name="ada"))
     assert user_names(other_engine) == {"ada"}
+    assert checked_out(engine) == 0
+
+
+async def test_scope_exit_commits_and_closes_in_one_worker_call(engine: Engine) -> None:
+    """The end of a unit of work that went well is one hop: commit and close together, in the
+    session's thread (its objects are detached there, not on the event loop)."""
+    maker = threadpool_sessionmaker(engine)
+    loop_thread = threading.get_ident()
+    async with threadpool_session(maker) as sess:
+        sess.add(User(name="ada"))
+    commits: list[int] = []
+    detaches: list[int] = []
+    async with threadpool_session(maker) as sess:
+        event.listen(sess.sync_session, "after_commit", lambda _s: commits.append(get_ident()))
+        event.listen(
+            sess.sync_session,
+            "persistent_to_detached",
+            lambda _s, _o: detaches.append(get_ident()),
+        )
+        user = await sess.scalar(select(User))
+        assert user is not None
+    assert len(commits) == 1
+    assert detaches == commits  # the same thread, not the loop's
+    assert commits[0] != loop_thread
+    assert user not in sess.sync_session
     assert checked_out(engine) == 0
 
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
@@ -192,13 +193,18 @@ class Offloader:
         the loop in the worker (:func:`~._results.make_loop_safe`). ``recovers`` marks
         ``rollback()``/``close()``: they clear a failed unit of work.
         """
-        self.check_open()
-        self._check_owner()
-        async with self._lock:
+        # (the checks inline: a method call each only when it raises)
+        if self._closed_reason is not None:
             self.check_open()
+        if self._strict:
+            self._check_owner()
+        async with self._lock:
+            if self._closed_reason is not None:
+                self.check_open()
             if recovers:
                 self.failure = None
-            self.check_usable()
+            elif self.failure is not None:
+                self.check_usable()
             if not self.is_admitted:
                 await admit(self)
             try:
@@ -223,7 +229,27 @@ class Offloader:
         there is no transaction; a failed unit of work is acknowledged, as by ``close()``. If
         closing fails, the connection is invalidated and the error propagates.
         """
-        await shielded(self._close())
+        session = self.session
+        if self._lock.locked() or session.in_transaction():
+            await shielded(self._close())
+            return
+        # No transaction, so no connection: no IO and no await, so no other call of the
+        # session can come in between and there is nothing to shield (the common exit of
+        # ``async with maker() as sess:`` after a commit).
+        self.failure = None
+        try:
+            session.close()
+        except Exception:
+            await shielded(self._invalidate())
+            raise
+        self._release_if_idle()
+
+    async def _invalidate(self) -> None:
+        async with self._lock:
+            try:
+                await discard(self, invalidate=True)
+            finally:
+                self._release_if_idle()
 
     async def _close(self) -> None:
         async with self._lock:
@@ -246,9 +272,11 @@ class Offloader:
                 if commit and not failed:
                     if not self.is_admitted:
                         await admit(self)
-                    await self._dispatch(self.session.commit)
+                    # One hop for both: closing after a commit detaches the objects, work
+                    # better done in the thread than on the loop.
+                    await self._dispatch(partial(_commit_and_close, self.session))
             finally:
-                await discard(self, invalidate=False)
+                await discard(self, invalidate=False)  # (after a commit: nothing left to do)
                 self._release_if_idle()
         if commit and failed:
             self.check_usable()
@@ -293,7 +321,14 @@ class Offloader:
         self.current = call
         try:
             try:
-                value = await self.run_in_thread(call)
+                workers = self._workers
+                if workers is None:
+                    value = await self.run_in_thread(call)
+                else:  # (run_in_thread inline: one coroutine less per call)
+                    worker = self._worker
+                    if worker is None:  # kept until the session is released
+                        worker = self._worker = workers.acquire(self)
+                    value = await worker.call(call)
             except BaseException as exc:
                 own = exc is call.error
                 if own and isinstance(exc, Exception) and call.state is not STOPPED:
@@ -323,6 +358,12 @@ class Offloader:
             if self.session.in_transaction():
                 await discard(self, invalidate=False)
             self._release_if_idle()
+
+
+def _commit_and_close(session: Session) -> None:
+    """Commit, then close: the end of a unit of work that went well, in one worker call."""
+    session.commit()
+    session.close()
 
 
 def _holds_connection(session: Session) -> bool:

@@ -58,6 +58,8 @@ def check_callable(fn: object, where: str) -> None:
 
 def make_loop_safe(value: Any, where: str) -> Any:
     """Prepare a worker's return value for the event loop (runs in the worker)."""
+    if value is None:
+        return None  # (most calls: flush(), commit(), add-style callables; no checks needed)
     if isinstance(value, Result):
         _buffer(value)
     elif isinstance(value, FilterResult):

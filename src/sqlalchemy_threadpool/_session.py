@@ -16,7 +16,6 @@ from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Concatenate, Final, TypeVar, cast, overload
 
-import anyio
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import InvalidRequestError
 from sqlalchemy.orm import Session, object_session
@@ -105,13 +104,16 @@ class ThreadpoolSession:
             on first use exactly as ``threadpool_sessionmaker(bind, binds=binds,
             sync_session_class=sync_session_class)`` would be.
         """
-        from ._binds import unwrap_binds
-        from ._maker import implicit_maker  # the maker module imports this one
+        sync_bind: Engine | Connection | None = None
+        sync_binds: dict[Any, Engine | Connection] | None = None
+        if bind is not None or binds is not None:  # (``maker()`` passes neither)
+            from ._binds import unwrap_binds
 
-        unwrapped = unwrap_binds({"bind": bind, "binds": binds})
-        sync_bind: Engine | Connection | None = unwrapped["bind"]
-        sync_binds: dict[Any, Engine | Connection] | None = unwrapped["binds"]
+            unwrapped = unwrap_binds({"bind": bind, "binds": binds})
+            sync_bind, sync_binds = unwrapped["bind"], unwrapped["binds"]
         if maker is None:
+            from ._maker import implicit_maker  # the maker module imports this one
+
             maker = implicit_maker(
                 sync_bind, sync_binds, sync_session_class or self.sync_session_class
             )
@@ -423,8 +425,7 @@ class ThreadpoolSession:
         ``commit=True`` then raises :class:`TransactionInterruptedError`.
         """
         try:
-            with anyio.CancelScope(shield=True):
-                await self._offloader.finish(commit=commit)
+            await self._offloader.finish(commit=commit)  # (shielded)
         finally:
             self._offloader.end(reason)
 
