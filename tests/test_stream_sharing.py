@@ -233,8 +233,9 @@ async def test_selectinload_between_chunks_of_an_orm_stream(engine: Engine) -> N
         await sess.commit()
     seen: list[tuple[int, list[str]]] = []
     async with ThreadpoolSession(engine) as sess:
-        statement = _BY_ID.options(selectinload(User.posts)).execution_options(yield_per=3)
+        statement = _BY_ID.options(selectinload(User.posts))
         async with await sess.stream_scalars(statement) as users:
+            users.yield_per(3)  # the ORM loads 3 rows, then runs their selectinload query
             async for user in users:
                 seen.append((user.id, [post.title for post in user.posts]))
     assert seen == [(i, [f"p{i}"] if i in ids[:10] else []) for i in ids]
