@@ -191,6 +191,25 @@ async def test_a_transaction_ending_under_an_open_stream_is_an_error_not_an_earl
     assert checked_out(engine) == 0
 
 
+@only_on("mysql")
+async def test_partitions_after_a_commit_give_the_rows_read_ahead_then_the_error(
+    engine: Engine,
+) -> None:
+    ids = await _seed(engine)
+    async with ThreadpoolSession(engine) as sess:
+        result = await sess.stream_scalars(
+            select(User.id).order_by(User.id).execution_options(yield_per=4)
+        )
+        assert await result.__anext__() == ids[0]
+        await sess.commit()
+        parts = result.partitions(2)
+        assert [await parts.__anext__(), await parts.__anext__()] == [ids[1:3], ids[3:4]]
+        with pytest.raises(StreamClosedError):
+            await parts.__anext__()
+        await result.close()
+    assert checked_out(engine) == 0
+
+
 @only_on("postgresql")
 async def test_postgresql_closes_a_named_cursor_at_commit(engine: Engine) -> None:
     """For comparison: the database's own error there, as the rows are gone."""

@@ -138,6 +138,8 @@ class StreamRows(Result[Any]):
             raise NeedRows  # before taking anything: nothing is lost
         rows = [ahead.popleft() for _ in range(min(size, len(ahead)))]
         if len(rows) < size:
+            if rows and self._discarded is not None and not self._exhausted:
+                return rows  # the last rows read ahead; the next read raises
             rows.extend(self._read(size - len(rows)))
         return rows
 
