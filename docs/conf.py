@@ -72,6 +72,7 @@ nitpick_ignore_regex = [
     # SQLAlchemy's typing aliases in its own signatures, undocumented there too.
     ("py:class", r"OrmExecuteOptionsParameter|TypedReturnsRows|RMKeyView|ScopedRegistry"),
     ("py:class", r"sqlalchemy\.engine\.row\.Row"),  # not in SQLAlchemy's inventory
+    ("py:class", r"sqlalchemy\.exc\.ResourceClosedError"),  # not in SQLAlchemy's inventory
     ("py:class", r"Offloader"),  # ThreadpoolSession.__init__: sessions come from a maker
     ("py:class", r"sqlmodel\..*|SQLModelSession"),  # SQLModel's docs publish no inventory
     # SQLModel's exec() overloads name SQLAlchemy classes by modules its inventory lacks.

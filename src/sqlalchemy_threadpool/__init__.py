@@ -29,6 +29,7 @@ from ._exceptions import LazyLoadOnEventLoopError as LazyLoadOnEventLoopError
 from ._exceptions import NoSessionError as NoSessionError
 from ._exceptions import SessionClosedError as SessionClosedError
 from ._exceptions import SessionOwnershipError as SessionOwnershipError
+from ._exceptions import StreamClosedError as StreamClosedError
 from ._exceptions import ThreadpoolSessionError as ThreadpoolSessionError
 from ._exceptions import TransactionInterruptedError as TransactionInterruptedError
 from ._guard import allow_blocking as allow_blocking
@@ -61,6 +62,7 @@ __all__ = [
     "NoSessionError",
     "SessionClosedError",
     "SessionOwnershipError",
+    "StreamClosedError",
     "ThreadpoolAttrs",
     "ThreadpoolConnection",
     "ThreadpoolEngine",

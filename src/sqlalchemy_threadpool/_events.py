@@ -18,6 +18,9 @@ engine ``before_cursor_execute``  a call given up on (abandoned or stopped)    h
 pool ``checkin``                  count check-ins (a cancel never reaches the  ``_cancel``
                                   connection's next user)
 engine ``engine_disposed``        close the ``KILL QUERY`` side connection     ``_kill_query``
+engine ``before_cursor_execute``  an open stream's unread rows go to memory    ``_stream_sharing``
+/ ``commit`` / ``rollback``       first, or are discarded as its transaction
+(MySQL, MariaDB)                  ends
 session and engine events of the  SQL about to run on the event-loop thread    ``_guard``
 guard (unless ``guard="off"``)
 ================================  ===========================================  ===========
@@ -41,7 +44,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from . import _guard
+from . import _guard, _stream_sharing
 from ._call import RUNNING, Call, running
 from ._cancel import count_checkin, track_connections
 from ._exceptions import ThreadpoolSessionError
@@ -86,6 +89,9 @@ def _watch(engine: Engine, groups: int) -> None:
             event.listen(engine, "commit", _guard.commit)
         if missing & _SIDE_CONNECTION:
             event.listen(engine, "engine_disposed", close_side_connection)
+        if missing & _OFFLOAD:  # after the guard's: SQL it refuses on the loop does not run
+            for name, listener in _stream_sharing.engine_listeners(engine):
+                event.listen(engine, name, listener)
         _watched[engine] = _watched.get(engine, 0) | missing
 
 

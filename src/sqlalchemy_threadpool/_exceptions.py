@@ -13,6 +13,8 @@ wrapped and reach the caller unchanged (``except IntegrityError`` keeps working)
     ├── SessionOwnershipError       a strict session used from a task that does not own it
     ├── TransactionInterruptedError a call was cancelled or timed out while it ran: the
     │                               unit of work failed and was rolled back
+    ├── StreamClosedError           a stream's unread rows were discarded as its transaction
+    │                               ended (MySQL; also a sqlalchemy.exc.ResourceClosedError)
     └── BlockingOnEventLoopError    SQL about to run on the event-loop thread
         │                           (also a sqlalchemy.exc.InvalidRequestError)
         └── LazyLoadOnEventLoopError    an attribute load on the event-loop thread
@@ -36,6 +38,7 @@ __all__ = [
     "NoSessionError",
     "SessionClosedError",
     "SessionOwnershipError",
+    "StreamClosedError",
     "ThreadpoolSessionError",
     "TransactionInterruptedError",
 ]
@@ -76,6 +79,16 @@ class TransactionInterruptedError(ThreadpoolSessionError):
     inside the session. The transaction was rolled back then and there, so ``commit()`` and any
     other IO raise this error, instead of committing half a unit of work, until
     ``rollback()`` (or ``close()``) acknowledges it.
+    """
+
+
+class StreamClosedError(ThreadpoolSessionError, sa_exc.ResourceClosedError):
+    """A stream's unread rows were discarded because its transaction ended while it was open.
+
+    On MySQL and MariaDB (one unbuffered result per connection) a commit or rollback, a
+    session's close included, ends an open stream's server-side cursor; the rows it had read
+    ahead are still served, then a read that needs more raises this instead of ending early.
+    Also a ``sqlalchemy.exc.ResourceClosedError``, what reading a closed result raises.
     """
 
 

@@ -7,7 +7,10 @@ views share its position and see each row once, in order (invariant 10).
 
 It touches the sync result only while a worker runs a call of the stream (``_io``); on the
 loop it raises :class:`NeedRows` instead, and the caller reads a chunk ahead in a worker
-(invariant 5). The chunk is ``STREAM_CHUNK_SIZE`` rows, or what ``yield_per()`` set.
+(invariant 5). The chunk is ``STREAM_CHUNK_SIZE`` rows, or what ``yield_per()`` set. On MySQL
+and MariaDB another statement on its connection first moves its unread rows to memory, and the
+end of its transaction discards them (:mod:`._stream_sharing`): then a read that needs them
+raises ``StreamClosedError``.
 """
 
 from __future__ import annotations
@@ -18,6 +21,9 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.engine import Result
 from sqlalchemy.exc import ResourceClosedError
+
+from ._exceptions import StreamClosedError
+from ._stream_sharing import cursor_of, register
 
 if TYPE_CHECKING:
     from ._offload import Offloader
@@ -58,6 +64,9 @@ class StreamRows(Result[Any]):
         self._attributes = real._attributes
         if real._row_logging_fn is not None:  # echo="debug" logs rows as they are made
             self._row_logging_fn = real._row_logging_fn
+        self._cursor = cursor_of(real)  # the server-side cursor behind it
+        self._discarded: str | None = None  # how its transaction ended, if it discarded rows
+        register(self)
 
     # -- on the loop --------------------------------------------------------------------
 
@@ -84,11 +93,22 @@ class StreamRows(Result[Any]):
 
     # -- what SQLAlchemy's views call ---------------------------------------------------
 
+    def _check_not_discarded(self) -> None:
+        if self._discarded is not None:
+            raise StreamClosedError(
+                f"This stream's unread rows were discarded when its transaction ended "
+                f"({self._discarded}) while it was open: MySQL and MariaDB keep one unbuffered "
+                "result per connection, so they cannot outlive it. Read the stream to its end "
+                "(or `await result.all()`) before the commit or rollback, or run the statements "
+                "that must commit meanwhile in another session."
+            )
+
     def _read(self, size: int | None) -> list[Any]:
         if self._exhausted:
             return []
         if not self._io:
             raise NeedRows
+        self._check_not_discarded()
         rows = list(self._real._fetchmany_impl(size))
         if not rows:
             self._exhausted = True
@@ -118,6 +138,8 @@ class StreamRows(Result[Any]):
             raise NeedRows  # before taking anything: nothing is lost
         rows = [ahead.popleft() for _ in range(min(size, len(ahead)))]
         if len(rows) < size:
+            if rows and self._discarded is not None and not self._exhausted:
+                return rows  # the last rows read ahead; the next read raises
             rows.extend(self._read(size - len(rows)))
         return rows
 
@@ -125,6 +147,8 @@ class StreamRows(Result[Any]):
         self._check_open()
         if not self._exhausted and not self._io:
             raise NeedRows
+        if not self._exhausted:
+            self._check_not_discarded()
         rows = list(self._ahead)
         self._ahead.clear()
         if not self._exhausted:
