@@ -254,11 +254,8 @@ class ThreadpoolSession:
     identity_key: Final = Session.identity_key
 
     def get_transaction(self) -> ThreadpoolSessionTransaction | None:
-        """The current root transaction in progress, if any (no IO).
-
-        Like :meth:`sqlalchemy.orm.Session.get_transaction`, wrapped as
-        :class:`ThreadpoolSessionTransaction`.
-        """
+        """The current root transaction in progress, if any (no IO), wrapped as
+        :class:`ThreadpoolSessionTransaction` (:meth:`sqlalchemy.orm.Session.get_transaction`)."""
         return ThreadpoolSessionTransaction._wrap(self, self.sync_session.get_transaction())
 
     def get_nested_transaction(self) -> ThreadpoolSessionTransaction | None:
@@ -281,7 +278,6 @@ class ThreadpoolSession:
         scalars = offloaded(Session.scalars)
 
     # -- streaming ---------------------------------------------------------------------
-    #
     # Overloads for SQLAlchemy 2.0 (``Select[Tuple[int, str]]``) and 2.1 (``Select[int, str]``)
     # at once: each line is valid on one and ignored (``unused-ignore``) on the other.
 
