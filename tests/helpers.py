@@ -8,7 +8,7 @@ import sqlite3
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 
 import anyio
@@ -145,6 +145,27 @@ async def wait_until_running(
             return
         await anyio.sleep(0.01)
     raise AssertionError(f"no {statement!r} statement ever ran on the server")
+
+
+async def cancel_once_running(
+    work: Callable[[], Awaitable[object]],
+    observer: Engine,
+    started: threading.Event,
+    statement: str = "sleep",
+) -> anyio.CancelScope:
+    """Await ``work()`` in a cancel scope that is cancelled once its slow statement runs on the
+    server (:func:`wait_until_running`); return the scope (``cancelled_caught`` says whether
+    the cancellation ended it)."""
+    with anyio.CancelScope() as scope:
+        async with anyio.create_task_group() as group:
+
+            async def cancel_when_running() -> None:
+                await wait_until_running(observer, started, statement)
+                scope.cancel()
+
+            group.start_soon(cancel_when_running)
+            await work()
+    return scope
 
 
 def assert_clean(engine: Engine, observer: Engine, checked_out_at_start: int = 0) -> None:

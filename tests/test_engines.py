@@ -30,7 +30,14 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, selectinload
 from sqlalchemy.pool import NullPool
 
-from helpers import busy_backends, checked_out, only_on, slow_statement, wait_until_running
+from helpers import (
+    busy_backends,
+    cancel_once_running,
+    checked_out,
+    only_on,
+    slow_statement,
+    wait_until_running,
+)
 from models import Base, Post, User
 from servers import ServerError, ThrowawayServer, start_server
 from sqlalchemy_threadpool import (
@@ -191,15 +198,7 @@ async def test_a_statement_on_the_other_engine_is_cancelled_there(
     a_before, b_before = checked_out(engine), checked_out(engine_b)
     start = anyio.current_time()
     async with threadpool_session(maker) as sess:
-        with anyio.CancelScope() as scope:
-            async with anyio.create_task_group() as group:
-
-                async def cancel_when_running() -> None:
-                    await wait_until_running(observer_b, call.started)
-                    scope.cancel()
-
-                group.start_soon(cancel_when_running)
-                await sess.run(call)
+        scope = await cancel_once_running(lambda: sess.run(call), observer_b, call.started)
         elapsed = anyio.current_time() - start
         assert scope.cancelled_caught
         assert busy_backends(observer_b) == []  # gone from B before the await ended

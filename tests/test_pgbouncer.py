@@ -30,7 +30,7 @@ from sqlalchemy.exc import ProgrammingError
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 
-from helpers import busy_backends, checked_out, user_names, wait_until_running
+from helpers import busy_backends, cancel_once_running, checked_out, user_names
 from models import Base, User
 from scaleout import ThrowawayPgBouncer
 from sqlalchemy_threadpool import threadpool_session, threadpool_sessionmaker
@@ -171,16 +171,12 @@ async def test_cancel_through_pgbouncer_stops_the_statement_on_the_server(
         started.set()
         session.execute(text(f"SELECT pg_sleep({LONG})"))
 
-    start = anyio.current_time()
-    with anyio.CancelScope() as scope:
-        async with anyio.create_task_group() as tg, threadpool_session(maker) as sess:
-
-            async def cancel_when_running() -> None:
-                await wait_until_running(observer, started, "pg_sleep")
-                scope.cancel()
-
-            tg.start_soon(cancel_when_running)
+    async def work() -> None:
+        async with threadpool_session(maker) as sess:
             await sess.run(sleep)
+
+    start = anyio.current_time()
+    scope = await cancel_once_running(work, observer, started, "pg_sleep")
     elapsed = anyio.current_time() - start
     assert scope.cancelled_caught
     assert elapsed < PROMPT, f"the cancelled call took {elapsed:.1f} s"

@@ -23,7 +23,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 
-from helpers import busy_backends, checked_out, wait_until_running
+from helpers import busy_backends, cancel_once_running, checked_out
 from models import Base, User
 from scaleout import ThrowawayStandby, start_replica_pair
 from servers import ServerError, ThrowawayServer
@@ -217,16 +217,13 @@ async def test_cancel_stops_a_long_statement_on_the_replica(
         session.execute(select(func.pg_sleep(LONG)))  # a SELECT: routed to the standby
 
     try:
-        start = anyio.current_time()
-        with anyio.CancelScope() as scope:
-            async with anyio.create_task_group() as tg, threadpool_session(maker) as sess:
 
-                async def cancel_when_running() -> None:
-                    await wait_until_running(observer, started, "pg_sleep")
-                    scope.cancel()
-
-                tg.start_soon(cancel_when_running)
+        async def work() -> None:
+            async with threadpool_session(maker) as sess:
                 await sess.run(long_read)
+
+        start = anyio.current_time()
+        scope = await cancel_once_running(work, observer, started, "pg_sleep")
         elapsed = anyio.current_time() - start
         assert scope.cancelled_caught
         assert elapsed < PROMPT, f"the cancelled call took {elapsed:.1f} s"
