@@ -31,7 +31,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError, ResourceClosedError
 
 from conftest import _engine_kwargs
-from helpers import busy_backends, checked_out, slow_statement, user_names, wait_until_running
+from helpers import busy_backends, cancel_once_running, checked_out, slow_statement, user_names
 from models import User
 from sqlalchemy_threadpool import (
     BlockingOnEventLoopError,
@@ -115,17 +115,13 @@ async def test_begin_rolls_back_on_cancellation_and_stops_the_statement(
         started.set()
         conn.execute(slow_statement(conn.dialect.name, 30))
 
-    with anyio.fail_after(20), anyio.CancelScope() as scope:
-        async with anyio.create_task_group() as group:
+    async def work() -> None:
+        async with tp_engine.begin() as conn:
+            await conn.execute(insert(users).values(name="a"))
+            await conn.run_sync(slow)
 
-            async def cancel_when_running() -> None:
-                await wait_until_running(engine, started)
-                scope.cancel()
-
-            group.start_soon(cancel_when_running)
-            async with tp_engine.begin() as conn:
-                await conn.execute(insert(users).values(name="a"))
-                await conn.run_sync(slow)
+    with anyio.fail_after(20):
+        scope = await cancel_once_running(work, engine, started)
     assert scope.cancelled_caught
     assert busy_backends(engine) == []  # stopped on the server, rolled back
     assert user_names(engine) == set()

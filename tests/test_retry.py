@@ -35,7 +35,14 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 
-from helpers import assert_clean, checked_out, only_on, slow_statement, user_names
+from helpers import (
+    assert_clean,
+    cancel_once_running,
+    checked_out,
+    only_on,
+    slow_statement,
+    user_names,
+)
 from models import User
 from sqlalchemy_threadpool import (
     ThreadpoolSession,
@@ -480,8 +487,6 @@ async def test_cancellation_during_the_backoff_is_prompt_and_leaks_nothing(
 async def test_cancellation_during_an_attempt_rolls_it_back_and_is_not_retried(
     engine: Engine, other_engine: Engine, dialect_name: str
 ) -> None:
-    from helpers import wait_until_running
-
     maker = threadpool_sessionmaker(engine)
     started = threading.Event()
     calls = 0
@@ -495,15 +500,9 @@ async def test_cancellation_during_an_attempt_rolls_it_back_and_is_not_retried(
         session.execute(slow_statement(dialect_name, WAIT_S))
 
     with anyio.fail_after(WAIT_S):
-        with anyio.CancelScope() as scope:
-            async with anyio.create_task_group() as group:
-
-                async def cancel_when_running() -> None:
-                    await wait_until_running(other_engine, started)
-                    scope.cancel()
-
-                group.start_soon(cancel_when_running)
-                await run_transaction(maker, slow, retry_if=lambda exc: True)
+        scope = await cancel_once_running(
+            lambda: run_transaction(maker, slow, retry_if=lambda exc: True), other_engine, started
+        )
     assert scope.cancelled_caught
     assert calls == 1
     assert user_names(engine) == set()
