@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -34,7 +33,7 @@ from sqlalchemy.pool import NullPool
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from scaleout import start_pgbouncer  # noqa: E402
+from scaleout import serve_example, start_pgbouncer, stop_group, wait_until_serving  # noqa: E402
 from servers import free_port  # noqa: E402
 
 DATABASE = "satp_bench_processes"
@@ -50,23 +49,11 @@ def admin(url: str, statement: str) -> None:
 
 
 def serve(workers: int, url: str, pool: int, port: int) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "DATABASE_URL": url, "POOL_SIZE": str(pool)}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), env.get("PYTHONPATH")]))
-    return subprocess.Popen(
+    return serve_example(
         [sys.executable, "-m", "uvicorn", "scale_app:app", "--workers", str(workers),
          "--host", "127.0.0.1", "--port", str(port), "--no-access-log", "--log-level", "warning"],
-        cwd=ROOT / "examples", env=env, stdin=subprocess.DEVNULL, start_new_session=True,
+        url, pool,
     )  # fmt: skip
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(30)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(30)
 
 
 async def load(base: str, requests: int, clients: int, tag: str) -> float:
@@ -96,28 +83,16 @@ async def load(base: str, requests: int, clients: int, tag: str) -> float:
     return requests / elapsed
 
 
-async def wait_until_serving(base: str) -> None:
-    async with httpx.AsyncClient(base_url=base) as http:
-        with anyio.fail_after(60):
-            while True:
-                try:
-                    if (await http.get("/items/none")).status_code == 404:
-                        return
-                except httpx.TransportError:
-                    pass
-                await anyio.sleep(0.1)
-
-
 async def measure(workers: int, url: str, args: argparse.Namespace, run: int) -> float:
     port = free_port()
     process = serve(workers, url, args.pool, port)
     base = f"http://127.0.0.1:{port}"
     try:
-        await wait_until_serving(base)
+        await wait_until_serving(base, process)
         await load(base, max(100, args.requests // 10), args.clients, f"w{workers}r{run}warm")
         return await load(base, args.requests, args.clients, f"w{workers}r{run}")
     finally:
-        await anyio.to_thread.run_sync(stop, process)
+        await anyio.to_thread.run_sync(stop_group, process)
 
 
 def main() -> None:

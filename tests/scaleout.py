@@ -9,6 +9,10 @@ it. Started as root, both run as the ``postgres`` system user, as the servers of
 ``tests/servers.py`` do. Every step has a timeout; ``close()`` stops the process at once and
 deletes its directory, so a fixture's finaliser always leaves nothing behind.
 
+:func:`serve_example` starts ``examples/scale_app.py`` (or another example) under a server
+command (uvicorn or gunicorn, several worker processes) in a process group of its own,
+:func:`wait_until_serving` waits for its first answer and :func:`stop_group` stops the group.
+
 Used by ``tests/test_pgbouncer.py``, ``test_replicas.py``, ``test_processes.py``,
 ``test_doctor.py`` and ``bench/processes.py``.
 """
@@ -16,14 +20,17 @@ Used by ``tests/test_pgbouncer.py``, ``test_replicas.py``, ``test_processes.py``
 from __future__ import annotations
 
 import importlib
+import os
 import shutil
 import signal
 import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
+import anyio
+import httpx
 from sqlalchemy import create_engine, make_url, text
 from sqlalchemy.pool import NullPool
 
@@ -241,3 +248,53 @@ def start_replica_pair() -> tuple[ThrowawayServer, ThrowawayStandby]:
         primary.close()
         raise
     return primary, standby
+
+
+# -- an example app served by several processes -----------------------------------------------
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+SRC = EXAMPLES.parent / "src"
+
+
+def serve_example(
+    argv: list[str], url: str, pool_size: int, output: IO[bytes] | None = None
+) -> subprocess.Popen[bytes]:
+    """Start ``argv`` (a server command naming an example app) in ``examples/``, in a process
+    group of its own, with ``DATABASE_URL`` and ``POOL_SIZE`` set and this tree's ``src`` first
+    on ``PYTHONPATH``; its output goes to ``output`` (default: inherited)."""
+    env = {**os.environ, "DATABASE_URL": url, "POOL_SIZE": str(pool_size)}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC), env.get("PYTHONPATH"), "."]))
+    return subprocess.Popen(
+        argv, cwd=EXAMPLES, env=env, stdout=output, stderr=subprocess.STDOUT if output else None,
+        stdin=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+
+
+def stop_group(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the server's process group (master and workers); kill it if it lingers."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(STEP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(STEP_TIMEOUT_S)
+
+
+async def wait_until_serving(
+    base: str, process: subprocess.Popen[bytes], log: Path | None = None
+) -> None:
+    """Wait until the app at ``base`` answers ``GET /items/none`` with 404; fail with the tail
+    of ``log`` if the server exits first."""
+    async with httpx.AsyncClient(base_url=base) as client:
+        with anyio.fail_after(STEP_TIMEOUT_S):
+            while True:
+                if process.poll() is not None:
+                    output = await anyio.Path(log).read_text(errors="replace") if log else ""
+                    raise ServerError(f"{process.args!r} exited:\n{output[-3000:]}")
+                try:
+                    if (await client.get("/items/none")).status_code == 404:
+                        return
+                except httpx.TransportError:
+                    pass
+                await anyio.sleep(0.1)

@@ -11,8 +11,6 @@ exceed PgBouncer's pool; PgBouncer's clients never exceed the processes' pools.
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -24,9 +22,9 @@ import pytest
 from sqlalchemy import Engine, create_engine, make_url, select, text
 from sqlalchemy.pool import NullPool
 
-from scaleout import ThrowawayPgBouncer
+from scaleout import ThrowawayPgBouncer, serve_example, stop_group, wait_until_serving
 from servers import free_port
-from webhelpers import EXAMPLES, load_example
+from webhelpers import load_example
 
 pytestmark = pytest.mark.anyio
 
@@ -34,8 +32,6 @@ PROCESSES = 4
 POOL_SIZE = 3
 WRITES = 400
 CLIENTS = 8
-#: Seconds the servers may take to answer their first request.
-START_TIMEOUT = 60
 
 COMMANDS = {
     "uvicorn": [
@@ -65,28 +61,8 @@ def table(pgbouncer: ThrowawayPgBouncer) -> Iterator[Engine]:
 def serve(server: str, url: str, port: int, log: Path) -> subprocess.Popen[bytes]:
     argv = [*COMMANDS[server]]
     argv += ["--port", str(port)] if server == "uvicorn" else ["-b", f"127.0.0.1:{port}"]
-    env = {
-        **os.environ,
-        "DATABASE_URL": url,
-        "POOL_SIZE": str(POOL_SIZE),
-        "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), "."])),
-    }
     with log.open("wb") as out:
-        return subprocess.Popen(
-            argv, cwd=EXAMPLES, env=env, stdout=out, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True,
-        )  # fmt: skip
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the server's process group (master and workers); kill it if it lingers."""
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(30)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(30)
+        return serve_example(argv, url, POOL_SIZE, out)
 
 
 def connections(observer: Engine) -> int:
@@ -104,21 +80,6 @@ def connections(observer: Engine) -> int:
 
 def clients(bouncer: ThrowawayPgBouncer, database: str) -> int:
     return sum(1 for client in bouncer.show("CLIENTS") if client["database"] == database)
-
-
-async def wait_until_serving(base: str, process: subprocess.Popen[bytes], log: Path) -> None:
-    async with httpx.AsyncClient(base_url=base) as client:
-        with anyio.fail_after(START_TIMEOUT):
-            while True:
-                if process.poll() is not None:
-                    output = await anyio.Path(log).read_text(errors="replace")
-                    raise AssertionError(f"{process.args!r} exited:\n{output[-3000:]}")
-                try:
-                    if (await client.get("/items/none")).status_code == 404:
-                        return
-                except httpx.TransportError:
-                    pass
-                await anyio.sleep(0.1)
 
 
 @pytest.mark.parametrize("server", ["uvicorn", "gunicorn"])
@@ -173,7 +134,7 @@ async def test_many_processes_through_pgbouncer(
         async with httpx.AsyncClient(base_url=base, timeout=60) as client:
             reads = [(await client.get(f"/items/{key}")).json() for key in acknowledged[::40]]
     finally:
-        await anyio.to_thread.run_sync(stop, process)
+        await anyio.to_thread.run_sync(stop_group, process)
 
     output = log.read_text(errors="replace")
     assert failures == [], output[-3000:]
