@@ -440,9 +440,9 @@ def _trio_resume(call: Call) -> None:
 
 def _eventfd_notify(fd: int) -> Callable[[Call], object]:
     """The ``notify`` of a call whose task waits on the worker's eventfd ``fd`` (trio)."""
-    write = _wakeup.write_eventfd
+    write = os.eventfd_write
 
     def notify(call: Call) -> None:
-        write(fd)
+        write(fd, 1)
 
     return notify
