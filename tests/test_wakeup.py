@@ -5,6 +5,7 @@ on (at any point of the wake-up) is skipped, and the worker serves the next call
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -192,3 +193,40 @@ async def test_the_asyncio_waiter_is_a_future_cancelled_as_any_other() -> None:
     future.resume()  # a late wake-up for it: nothing happens
     await asyncio.sleep(0)
     assert seen == ["other callback"]
+
+
+def test_a_worker_back_after_its_trio_run_ended_wakes_nothing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A call abandoned under concurrency on trio, whose worker comes back only after the run
+    ended: its wake-up goes nowhere (the run's eventfd is closed, nothing is written), quietly,
+    and the worker serves the next run."""
+    trio = pytest.importorskip("trio")
+    pool, workers, _owners = _workers(2)
+    other, late = Gated("other"), Gated("late")
+    got: list[Any] = []
+
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+
+            async def await_other() -> None:
+                got.append(await workers[1].call(other.call))
+
+            nursery.start_soon(await_other)
+            while other.call.state is not CallState.RUNNING:
+                await trio.sleep(0.001)
+            with trio.move_on_after(0.05) as scope:  # two in flight: the run's own wake-ups
+                await workers[0].call(late.call)
+            assert scope.cancelled_caught
+            assert late.call.abandon() is not None  # it runs, blocked on its gate
+            other.gate.set()
+
+    caplog.set_level(logging.DEBUG, logger="sqlalchemy_threadpool")
+    trio.run(run)
+    assert got == ["other"]
+    late.gate.set()  # the run is over: its worker comes back now
+    assert _wait_until(lambda: late.call.returned)
+    assert trio.run(workers[0].call, Call(partial(str, "next run"))) == "next run"
+    assert not [r for r in caplog.records if "could not wake" in r.getMessage()]
+    for worker in workers:
+        pool.release(worker)

@@ -18,8 +18,9 @@ shape): a call is then appended to that thread's queue and the thread woken, and
 comes back by the event loop's own thread-safe wake-up: a per-loop ``eventfd`` reader on
 asyncio (``call_soon_threadsafe`` where there is none), which resumes the awaiting task in its
 own callback, so in the loop iteration that reads the wake-up; on trio, the awaiting task's own
-``eventfd`` for a call alone in flight, else a trio token's ``run_sync_soon`` and
-``reschedule`` (:mod:`._wakeup` has the wake-ups, and why the loop keeps the GIL doing them).
+``eventfd`` for a call alone in flight, else a per-run eventfd whose system task reschedules it
+(a trio token's ``run_sync_soon`` where there are no eventfds); :mod:`._wakeup` has the
+wake-ups, and why the loop keeps the GIL doing them.
 Owning the thread also gives thread affinity, which drivers that want one thread per
 connection need. :meth:`Worker.call` keeps the contract of ``anyio.to_thread.run_sync(...,
 abandon_on_cancel=True)``: the callable runs in a copy of the caller's context, its exception
@@ -229,7 +230,7 @@ class Worker:
         "_stopping",
         "_token",
         "_trio_notify",
-        "_trio_token",
+        "_trio_run",
         "_wake_fd",
         "link",
         "owner",
@@ -260,10 +261,10 @@ class Worker:
         #: asyncio: the loop last waited on, and how to wake it (cached: a session keeps its loop).
         self._loop: asyncio.AbstractEventLoop | None = None
         self._notifier: Callable[[Call], object] | None = None
-        #: anyio's token of the loop last waited on; on trio that loop's own token, and the
-        #: ``notify`` that resumes a task through it.
+        #: anyio's token of the loop last waited on; on trio that run's waker (its own token
+        #: without eventfds), and the ``notify`` that resumes a task through it.
         self._token: EventLoopToken | None = None
-        self._trio_token: object = None
+        self._trio_run: object = None
         self._trio_notify: Callable[[Call], object] | None = None
         self.thread: threading.Thread = threading.Thread(
             target=self._main, name=f"sqlalchemy-threadpool-worker-{next(_names)}", daemon=True
@@ -289,7 +290,7 @@ class Worker:
                 notifier = self._notifier
                 if loop is not self._loop or notifier is None:
                     notifier, self._token = _wakeup.asyncio_notifier(loop)
-                    self._notifier, self._loop, self._trio_token = notifier, loop, None
+                    self._notifier, self._loop, self._trio_run = notifier, loop, None
                 call.token = self._token
                 # Resumed by the loop's reader in the iteration that reads the wake-up.
                 call.waiter = future = _wakeup.DirectFuture(loop=loop)
@@ -341,11 +342,15 @@ class Worker:
 
     async def _wait_trio(self, call: Call) -> None:
         trio = sys.modules["trio"]
-        trio_token = trio.lowlevel.current_trio_token()
-        if trio_token is not self._trio_token:
-            self._token = _anyio_token()
-            self._trio_token, self._loop, self._notifier = trio_token, None, None
-            self._trio_notify = partial(trio_token.run_sync_soon, _trio_resume)
+        # The run: its waker (eventfds), else its token (``run_sync_soon``).
+        run: Any = _wakeup.trio_waker() if _wakeup.EVENTFD else trio.lowlevel.current_trio_token()
+        if run is not self._trio_run:
+            self._trio_run, self._loop, self._notifier = run, None, None
+            if _wakeup.EVENTFD:
+                self._token, self._trio_notify = run.token, run.notify
+            else:
+                self._token = _anyio_token()
+                self._trio_notify = partial(run.run_sync_soon, _trio_resume)
         call.token = self._token
         if _wakeup.EVENTFD and not self._fd_waiter and len(_wakeup.in_flight) == 1:
             # Alone in flight, the task waits for the thread's eventfd itself: the I/O manager
@@ -440,9 +445,4 @@ def _trio_resume(call: Call) -> None:
 
 def _eventfd_notify(fd: int) -> Callable[[Call], object]:
     """The ``notify`` of a call whose task waits on the worker's eventfd ``fd`` (trio)."""
-    write = os.eventfd_write
-
-    def notify(call: Call) -> None:
-        write(fd, 1)
-
-    return notify
+    return lambda call: os.eventfd_write(fd, 1)

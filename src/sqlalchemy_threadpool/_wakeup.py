@@ -31,6 +31,7 @@ import contextlib
 import errno
 import os
 import select
+import sys
 import threading
 import weakref
 from collections import deque
@@ -48,10 +49,12 @@ __all__ = [
     "DirectFuture",
     "LoopWaker",
     "Resumable",
+    "TrioWaker",
     "asyncio_notifier",
     "in_flight",
     "read_eventfd",
     "sleeper",
+    "trio_waker",
     "write_keeping_gil",
 ]
 
@@ -173,6 +176,77 @@ class LoopWaker:
                 if ready:  # (KeyboardInterrupt, SystemExit: the rest at the next iteration)
                     os.eventfd_write(self._fd, 1)
                 raise
+
+
+class TrioWaker:
+    """Reschedules the trio tasks that wait for worker threads, from one system task per run.
+
+    Under concurrency a trio task waiting for its call does not wait on a file descriptor of
+    its own (registering it with trio's epoll releases the GIL on the loop thread, at every
+    call): the worker queues the call and writes this run's eventfd, and one system task reads
+    it and reschedules the task of every call queued then. Cheaper than
+    ``TrioToken.run_sync_soon`` (a lock, a socket write in the worker; two socket reads that
+    release the GIL on the loop thread). The eventfd is closed as the run ends, under the lock
+    that every wake-up takes, so a worker that comes back later (an abandoned call) writes
+    nothing.
+    """
+
+    __slots__ = ("_closed", "_fd", "_lock", "_ready", "token")
+
+    def __init__(self) -> None:
+        self._ready: deque[Resumable] = deque()
+        self._lock = threading.Lock()
+        self._closed = False
+        #: anyio's token of the run (for ``anyio.from_thread``).
+        self.token = _anyio_token()
+        self._fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+
+    def notify(self, call: Resumable) -> None:  # in the worker thread
+        with self._lock:
+            if self._closed:  # the run is over: nobody waits
+                return
+            self._ready.append(call)
+            os.eventfd_write(self._fd, 1)
+
+    async def _serve(self) -> None:
+        lowlevel = sys.modules["trio"].lowlevel
+        fd, ready = self._fd, self._ready
+        try:
+            while True:
+                await lowlevel.wait_readable(fd)
+                read_eventfd(fd)
+                for _ in range(len(ready)):  # those queued by now (later ones wrote again)
+                    call = ready.popleft()
+                    task, call.waiter = call.waiter, None
+                    if task is not None:  # still waiting (not aborted by a cancellation)
+                        lowlevel.reschedule(task)
+        finally:
+            with self._lock:
+                self._closed = True
+                os.close(fd)
+
+
+_trio_wakers: Any = None  # trio.lowlevel.RunVar, made on first use (trio is optional)
+
+
+def trio_waker() -> TrioWaker:
+    """The :class:`TrioWaker` of the current trio run, started on first use."""
+    global _trio_wakers
+    wakers = _trio_wakers
+    if wakers is None:
+        wakers = _trio_wakers = sys.modules["trio"].lowlevel.RunVar("sqlalchemy_threadpool")
+    waker: TrioWaker | None = wakers.get(None)
+    if waker is None:
+        waker = TrioWaker()
+        try:
+            sys.modules["trio"].lowlevel.spawn_system_task(
+                waker._serve, name="sqlalchemy_threadpool wake-ups"
+            )
+        except BaseException:
+            os.close(waker._fd)
+            raise
+        wakers.set(waker)
+    return waker
 
 
 #: One entry per call in flight to a worker, in every event loop of the process (``deque``
