@@ -115,10 +115,10 @@ def main() -> None:
     parser.add_argument("--show", type=int, default=0, metavar="N")
     args = parser.parse_args()
     engine = create_engine(args.url, pool_size=10, max_overflow=0)
-    maker = threadpool_sessionmaker(engine)
     try:
         for backend in args.backends.split(","):
             args.backend = backend
+            maker = threadpool_sessionmaker(engine)  # (its limiter belongs to one event loop)
             anyio.run(measure, args, maker, backend=backend)
     finally:
         engine.dispose()
