@@ -16,9 +16,11 @@ and goes through anyio's shared queue of threads. A session that holds a connect
 calls one at a time, so it can instead *own* one thread while it is admitted (the aiosqlite
 shape): a call is then appended to that thread's queue and the thread woken, and the answer
 comes back by the event loop's own thread-safe wake-up: a per-loop ``eventfd`` reader on
-asyncio (``call_soon_threadsafe`` where there is none); on trio, the awaiting task's own
-``eventfd`` for a call alone in flight, else a trio token's ``run_sync_soon`` and
-``reschedule`` (:mod:`._wakeup` has the wake-ups, and why the loop keeps the GIL doing them).
+asyncio (``call_soon_threadsafe`` where there is none), which resumes the awaiting task in its
+own callback, so in the loop iteration that reads the wake-up; on trio, the awaiting task's own
+``eventfd`` for a call alone in flight, else a per-run eventfd whose system task reschedules it
+(a trio token's ``run_sync_soon`` where there are no eventfds); :mod:`._wakeup` has the
+wake-ups, and why the loop keeps the GIL doing them.
 Owning the thread also gives thread affinity, which drivers that want one thread per
 connection need. :meth:`Worker.call` keeps the contract of ``anyio.to_thread.run_sync(...,
 abandon_on_cancel=True)``: the callable runs in a copy of the caller's context, its exception
@@ -121,7 +123,7 @@ class Call:
     in it / the database committed it; written by :mod:`._events`' listeners, in the thread),
     ``returned`` (a dedicated worker is done with it and has woken the awaiting task), and the
     :class:`~._from_thread.Link` fields (``token``, ``cancelled``, ``scope``) with the
-    worker's wake-up (``notify``, ``task``), all set on the loop.
+    worker's wake-up (``notify``, ``waiter``), all set on the loop.
     """
 
     __slots__ = (
@@ -137,9 +139,9 @@ class Call:
         "returned",
         "scope",
         "state",
-        "task",
         "token",
         "value",
+        "waiter",
         "where",
     )
 
@@ -158,10 +160,11 @@ class Call:
         self.context: Context
         # -- a dedicated worker's wake-up of the awaiting task (set on the loop):
         self.returned = False
-        #: Called in the worker thread once the call is done: wakes the awaiting task.
-        self.notify: Callable[[], object] | None = None
-        #: trio: the task waiting for the call, while it waits (only touched on the loop).
-        self.task: Any = None
+        #: Called with the call in the worker thread once it is done: wakes the awaiting task.
+        self.notify: Callable[[Call], object] | None = None
+        #: What the awaiting task waits on: on asyncio its :class:`~._wakeup.DirectFuture`; on
+        #: trio the task itself, while it waits (only touched on the loop).
+        self.waiter: Any = None
         # -- for anyio.from_thread (see _from_thread.Link):
         self.token: EventLoopToken | None = None
         self.cancelled: Callable[[], NoReturn] | None = None
@@ -217,6 +220,7 @@ class Worker:
 
     __slots__ = (
         "_fd",
+        "_fd_notify",
         "_fd_waiter",
         "_go",
         "_loop",
@@ -225,7 +229,8 @@ class Worker:
         "_queue",
         "_stopping",
         "_token",
-        "_trio_token",
+        "_trio_notify",
+        "_trio_run",
         "_wake_fd",
         "link",
         "owner",
@@ -248,15 +253,19 @@ class Worker:
         self.link: Call | None = None
         #: Who the worker is lent to (guarded by the pool's lock); ``None`` while idle.
         self.owner: weakref.ref[object] | None = owner
-        #: trio: an eventfd the thread writes when a call is done (made on first use).
+        #: trio: an eventfd the thread writes when a call is done (made on first use), and the
+        #: ``notify`` that writes it.
         self._fd: int | None = None
+        self._fd_notify: Callable[[Call], object] | None = None
         self._fd_waiter = False  # a task waits on ``_fd`` (trio allows one reader at a time)
         #: asyncio: the loop last waited on, and how to wake it (cached: a session keeps its loop).
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._notifier: Callable[[asyncio.Future[None]], object] | None = None
-        #: anyio's token of the loop last waited on, and on trio that loop's own token.
+        self._notifier: Callable[[Call], object] | None = None
+        #: anyio's token of the loop last waited on; on trio that run's waker (its own token
+        #: without eventfds), and the ``notify`` that resumes a task through it.
         self._token: EventLoopToken | None = None
-        self._trio_token: object = None
+        self._trio_run: object = None
+        self._trio_notify: Callable[[Call], object] | None = None
         self.thread: threading.Thread = threading.Thread(
             target=self._main, name=f"sqlalchemy-threadpool-worker-{next(_names)}", daemon=True
         )
@@ -281,10 +290,11 @@ class Worker:
                 notifier = self._notifier
                 if loop is not self._loop or notifier is None:
                     notifier, self._token = _wakeup.asyncio_notifier(loop)
-                    self._notifier, self._loop, self._trio_token = notifier, loop, None
+                    self._notifier, self._loop, self._trio_run = notifier, loop, None
                 call.token = self._token
-                future = loop.create_future()
-                call.notify = partial(notifier, future)
+                # Resumed by the loop's reader in the iteration that reads the wake-up.
+                call.waiter = future = _wakeup.DirectFuture(loop=loop)
+                call.notify = notifier
                 self._queue.append(call)
                 self._wake()
                 try:
@@ -332,10 +342,15 @@ class Worker:
 
     async def _wait_trio(self, call: Call) -> None:
         trio = sys.modules["trio"]
-        trio_token = trio.lowlevel.current_trio_token()
-        if trio_token is not self._trio_token:
-            self._token = _anyio_token()
-            self._trio_token, self._loop, self._notifier = trio_token, None, None
+        # The run: its waker (eventfds), else its token (``run_sync_soon``).
+        run: Any = _wakeup.trio_waker() if _wakeup.EVENTFD else trio.lowlevel.current_trio_token()
+        if run is not self._trio_run:
+            self._trio_run, self._loop, self._notifier = run, None, None
+            if _wakeup.EVENTFD:
+                self._token, self._trio_notify = run.token, run.notify
+            else:
+                self._token = _anyio_token()
+                self._trio_notify = partial(run.run_sync_soon, _trio_resume)
         call.token = self._token
         if _wakeup.EVENTFD and not self._fd_waiter and len(_wakeup.in_flight) == 1:
             # Alone in flight, the task waits for the thread's eventfd itself: the I/O manager
@@ -345,7 +360,8 @@ class Worker:
             fd = self._fd
             if fd is None:
                 fd = self._fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-            call.notify = partial(os.eventfd_write, fd, 1)
+                self._fd_notify = _eventfd_notify(fd)
+            call.notify = self._fd_notify
             self._submit(call)
             self._fd_waiter = True
             try:
@@ -361,12 +377,12 @@ class Worker:
                 raise
             finally:
                 self._fd_waiter = False
-        call.task = trio.lowlevel.current_task()
-        call.notify = partial(trio_token.run_sync_soon, _trio_resume, call)
+        call.waiter = trio.lowlevel.current_task()
+        call.notify = self._trio_notify
         self._submit(call)
 
         def abort(raise_cancel: Callable[[], NoReturn]) -> object:
-            call.task = None
+            call.waiter = None
             call.notify = None
             call.cancelled = raise_cancel  # (as trio's threads keep it for check_cancelled)
             return trio.lowlevel.Abort.SUCCEEDED
@@ -415,13 +431,18 @@ class Worker:
             notify = call.notify
             if notify is not None:
                 try:
-                    notify()
+                    notify(call)
                 except Exception:  # the loop is gone (closed, or its run finished): no waiter
                     logger.debug("could not wake the event loop of a finished call", exc_info=True)
             del call, notify
 
 
 def _trio_resume(call: Call) -> None:
-    task, call.task = call.task, None
+    task, call.waiter = call.waiter, None
     if task is not None:  # still waiting (not aborted by a cancellation)
         sys.modules["trio"].lowlevel.reschedule(task)
+
+
+def _eventfd_notify(fd: int) -> Callable[[Call], object]:
+    """The ``notify`` of a call whose task waits on the worker's eventfd ``fd`` (trio)."""
+    return lambda call: os.eventfd_write(fd, 1)
