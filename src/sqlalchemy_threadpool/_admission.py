@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import os
 import sys
 import time
@@ -153,35 +152,53 @@ async def admit(offloader: Offloader) -> None:
 async def _wait(
     offloader: Offloader, ticket: Ticket, limiters: tuple[anyio.CapacityLimiter, ...]
 ) -> None:
-    """The slow path of :func:`admit`: wait for the tokens not taken yet, in order."""
+    """The slow path of :func:`admit`: wait for the tokens not taken yet, in order.
+
+    A cancel scope only when an admission timeout applies (anyio's only timed wait): without
+    one the wait is a plain cancellable await of the limiters, and a cancellation still gives
+    back the tokens already taken.
+    """
     timeout = offloader.admission_timeout
     started = waiting[ticket] = time.monotonic()
-    limiter = limiters[len(ticket.taken)]
     outcome = "was cancelled"
     try:
-        with anyio.move_on_after(math.inf if timeout is None else timeout) as scope:
-            for limiter in limiters[len(ticket.taken) :]:
-                await limiter.acquire_on_behalf_of(ticket)
-                ticket.taken.append(limiter)
-            offloader.is_admitted = True
-            admitted[offloader] = ticket
-            outcome = "was admitted"
-        if scope.cancelled_caught:
-            outcome = "gave up (admission_timeout)"
-            raise AdmissionTimeoutError(
-                f"No database connection became free within {timeout:g} s: "
-                f"{ticket.gate.describe(limiter)} is all held by other sessions. Keep scopes "
-                "short, raise pool_size/max_overflow (the engine's capacity follows the "
-                "pool), or pass a larger admission_timeout to the maker."
-            )
+        if timeout is None:
+            await _take(ticket, limiters)
+        else:
+            with anyio.move_on_after(timeout) as scope:
+                await _take(ticket, limiters)
+            if scope.cancelled_caught:
+                outcome = "gave up (admission_timeout)"
+                raise AdmissionTimeoutError(
+                    f"No database connection became free within {timeout:g} s: "
+                    f"{ticket.gate.describe(limiters[len(ticket.taken)])} is all held by "
+                    "other sessions. Keep scopes short, raise pool_size/max_overflow (the "
+                    "engine's capacity follows the pool), or pass a larger admission_timeout "
+                    "to the maker."
+                )
+        offloader.is_admitted = True
+        admitted[offloader] = ticket
+        outcome = "was admitted"
     finally:
         del waiting[ticket]
+        taken = ticket.taken
+        # the limiter waited for last (the last taken once admitted)
+        limiter = limiters[len(taken) - 1 if outcome == "was admitted" else len(taken)]
         if not offloader.is_admitted:
             ticket.give_back()  # the tokens taken before the one it waited for
         threshold = ticket.gate.log_threshold
-        waited = time.monotonic() - started
-        if threshold is not None and waited >= threshold:
-            _log_wait(ticket.gate, limiter, waited, outcome)
+        if threshold is not None:
+            waited = time.monotonic() - started
+            if waited >= threshold:
+                _log_wait(ticket.gate, limiter, waited, outcome)
+
+
+async def _take(ticket: Ticket, limiters: tuple[anyio.CapacityLimiter, ...]) -> None:
+    """Wait for each limiter's token not taken yet, in the gate's order."""
+    taken = ticket.taken
+    for limiter in limiters[len(taken) :]:
+        await limiter.acquire_on_behalf_of(ticket)
+        taken.append(limiter)
 
 
 def _log_wait(gate: Gate, limiter: anyio.CapacityLimiter, waited: float, outcome: str) -> None:
