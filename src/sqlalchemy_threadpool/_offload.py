@@ -269,6 +269,7 @@ class Offloader:
     async def _finish(self, *, commit: bool) -> None:
         await self._lock.acquire_shielded()  # (shielded: no cancellation check)
         failed = self.failure is not None
+        closed = False
         try:
             if commit and not failed:
                 if not self.is_admitted:
@@ -276,9 +277,11 @@ class Offloader:
                 # One hop for both: closing after a commit detaches the objects, work
                 # better done in the thread than on the loop.
                 await self._dispatch(partial(_commit_and_close, self.session))
+                closed = True
         finally:
             try:
-                await discard(self, invalidate=False)  # (after a commit: nothing left to do)
+                if not closed:  # (committed and closed: nothing left to discard)
+                    await discard(self, invalidate=False)
                 self._release_if_idle()
             finally:
                 self._lock.release()
