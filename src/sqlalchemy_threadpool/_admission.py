@@ -5,11 +5,12 @@ A session is *admitted* while it may hold a connection: it has borrowed, through
 maker's ``limiter=`` cap, if any, then the capacity of each engine it binds, shared by
 everything on that engine), taken in the gate's order. The ticket, not the session, is the
 borrower, so that a session dropped without being closed stays collectable;
-:func:`release_lost`, its finalizer, gives the tokens back on the event loop. :data:`admitted`
-lists the admitted sessions for ``shutdown()`` and the stats; :data:`waiting` the tickets
-waiting for admission, since when; a forked child forgets those of its parent. :func:`admit`
-takes the tokens (waiting at most the admission timeout, and logging a wait longer than the
-gate's threshold on this module's logger), :func:`release` gives them back.
+:func:`release_lost`, called when it is collected, gives the tokens back on the event loop.
+:data:`admitted` lists the tickets of the admitted sessions for ``shutdown()`` and the stats;
+:data:`waiting` the tickets waiting for admission, since when; a forked child forgets those of
+its parent. :func:`admit` takes the tokens (waiting at most the admission timeout, and logging
+a wait longer than the gate's threshold on this module's logger), :func:`release` gives them
+back.
 """
 
 from __future__ import annotations
@@ -45,8 +46,15 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Admitted sessions (they may hold a connection), for ``shutdown()``, and their tickets.
-admitted: weakref.WeakKeyDictionary[Offloader, Ticket] = weakref.WeakKeyDictionary()
+#: The tickets of the admitted sessions (they may hold a connection), for ``shutdown()`` and
+#: the stats (:attr:`Ticket.owner` is the session's offloader). A plain set: adding and
+#: discarding is one C call each (a ``WeakKeyDictionary`` made a weak reference for both).
+admitted: set[Ticket] = set()
+
+#: Every ticket whose session is alive: keeps its weak reference to the session, and so the
+#: callback that gives back the tokens of a session dropped while admitted, alive even when
+#: the session is collected as part of a reference cycle.
+_watched: set[Ticket] = set()
 
 #: Tickets waiting for admission now, and when (``time.monotonic()``) they began to wait.
 waiting: dict[Ticket, float] = {}
@@ -54,7 +62,8 @@ waiting: dict[Ticket, float] = {}
 
 def admitted_offloaders(engine: Engine) -> list[Offloader]:
     """The admitted sessions (those that may hold a connection) that use ``engine``."""
-    return [offloader for offloader in list(admitted) if offloader.uses(engine)]
+    offloaders = [ticket.owner() for ticket in list(admitted)]
+    return [o for o in offloaders if o is not None and o.uses(engine)]
 
 
 class Ticket:
@@ -65,14 +74,22 @@ class Ticket:
     pool and :func:`release_lost` gives its tokens back instead of losing them for good.
     """
 
-    __slots__ = ("__weakref__", "gate", "schedule", "taken")
+    __slots__ = ("__weakref__", "gate", "owner", "schedule", "taken")
 
-    def __init__(self, gate: Gate) -> None:
+    def __init__(self, gate: Gate, owner: Offloader) -> None:
         self.gate = gate
         #: The limiters it holds a token of, in the order taken.
         self.taken: list[anyio.CapacityLimiter] = []
         #: The event loop's thread-safe "call soon", set at the first admission.
         self.schedule: Callable[..., object] | None = None
+        #: The session it borrows for; when that is collected, :func:`release_lost` runs.
+        self.owner: weakref.ref[Offloader] = weakref.ref(owner, self._lost)
+        _watched.add(self)
+
+    def _lost(self, _: object) -> None:
+        _watched.discard(self)
+        admitted.discard(self)
+        release_lost(self)
 
     def give_back(self) -> None:
         """Release every token it holds (on the loop thread)."""
@@ -103,7 +120,7 @@ def would_block() -> tuple[type[Exception], ...]:
 
 
 def release_lost(ticket: Ticket) -> None:
-    """Finalizer of an Offloader: give back the tokens of a session dropped while admitted.
+    """A session was collected: give back the tokens it held if it was dropped while admitted.
 
     Runs wherever the garbage collector ran; the release itself is handed to the loop.
     """
@@ -132,10 +149,8 @@ async def admit(offloader: Offloader) -> None:
     nobody queued, else waiting (in the gate's order) at most its admission timeout."""
     ticket = offloader.ticket
     if ticket is None:
-        ticket = offloader.ticket = Ticket(offloader.limiter)
+        ticket = offloader.ticket = Ticket(offloader.limiter, offloader)
         ticket.schedule = loop_scheduler()
-        finalizer = weakref.finalize(offloader, release_lost, ticket)
-        finalizer.atexit = False
     limiters = ticket.gate.limiters
     taken = ticket.taken
     try:  # capacity free and nobody queued: no trip round the loop, no cancel scope
@@ -146,7 +161,7 @@ async def admit(offloader: Offloader) -> None:
         await _wait(offloader, ticket, limiters)
     else:
         offloader.is_admitted = True
-        admitted[offloader] = ticket
+        admitted.add(ticket)
 
 
 async def _wait(
@@ -177,7 +192,7 @@ async def _wait(
                     "to the maker."
                 )
         offloader.is_admitted = True
-        admitted[offloader] = ticket
+        admitted.add(ticket)
         outcome = "was admitted"
     finally:
         del waiting[ticket]
@@ -223,9 +238,9 @@ def _log_wait(gate: Gate, limiter: anyio.CapacityLimiter, waited: float, outcome
 def release(offloader: Offloader) -> None:
     """Give back the tokens of an admitted session (it holds no transaction any more)."""
     offloader.is_admitted = False
-    admitted.pop(offloader, None)
     ticket = offloader.ticket
     assert ticket is not None
+    admitted.discard(ticket)
     ticket.give_back()
 
 
@@ -251,12 +266,14 @@ def _after_fork_in_child() -> None:
     they had borrowed given back to their limiters (the engines' capacities and the caps
     makers made are replaced in the child anyway; a cap passed with ``limiter=`` is kept).
     """
-    inherited = list(admitted.items())
+    inherited = list(admitted)
     admitted.clear()
     waiting.clear()
-    for offloader, ticket in inherited:
-        offloader.end(_INHERITED)
-        _inherited.append(offloader)
+    for ticket in inherited:
+        offloader = ticket.owner()
+        if offloader is not None:
+            offloader.end(_INHERITED)
+            _inherited.append(offloader)
         while ticket.taken:
             try:
                 ticket.taken.pop().release_on_behalf_of(ticket)
