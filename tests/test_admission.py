@@ -218,20 +218,28 @@ def test_a_limiter_smaller_than_the_pool_is_a_cap_within_the_engines_capacity(
     assert threadpool_sessionmaker(engine, limiter=5).limiter.total_tokens == 5
 
 
-async def _begin_and_drop(maker: threadpool_sessionmaker, name: str) -> None:
+async def _begin_and_drop(
+    maker: threadpool_sessionmaker, name: str, *, in_a_cycle: bool = False
+) -> None:
     sess = maker()  # never closed: the caller forgot `async with`
+    if in_a_cycle:  # only the cycle collector can free it
+        sess.info["itself"] = sess
     sess.add(User(name=name))
     await sess.flush()  # holds a transaction, a connection and a token
     assert maker.limiter.borrowed_tokens == 1
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("in_a_cycle", [False, True], ids=["refcount", "cycle"])
 async def test_a_session_dropped_without_closing_gives_its_capacity_back(
-    pool_of_one: Engine, other_engine: Engine, caplog: pytest.LogCaptureFixture
+    pool_of_one: Engine,
+    other_engine: Engine,
+    caplog: pytest.LogCaptureFixture,
+    in_a_cycle: bool,
 ) -> None:
     """Like a sync Session, a lost one returns its connection when collected; and its token."""
     maker = threadpool_sessionmaker(pool_of_one, admission_timeout=2)
-    await _begin_and_drop(maker, "lost")
+    await _begin_and_drop(maker, "lost", in_a_cycle=in_a_cycle)
     with anyio.fail_after(10):  # collected, then the token is given back on the loop
         while maker.limiter.borrowed_tokens or checked_out(pool_of_one):
             gc.collect()

@@ -192,6 +192,46 @@ async def test_a_session_on_two_engines_takes_the_capacity_of_each(
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("admission_timeout", [None, 30.0], ids=["no-timeout", "timeout"])
+async def test_cancelled_while_waiting_for_the_second_engine_gives_back_the_first(
+    pools_of_one: tuple[Engine, Engine], other_engine: Engine, admission_timeout: float | None
+) -> None:
+    """A session admitted on one engine of two and cancelled while it waits for the other
+    gives the first token back: nothing taken is kept, with or without a timeout scope."""
+    first, second = pools_of_one
+    engine_stats(first), engine_stats(second)  # their capacities, in this order: first first
+    both = threadpool_sessionmaker(
+        first, binds={User: first, Post: second}, admission_timeout=admission_timeout
+    )
+    only_second = threadpool_sessionmaker(second)
+    ran: list[bool] = []
+
+    async def waiter() -> None:
+        async with threadpool_session(both, new=True) as sess:
+            await sess.run(lambda s: ran.append(True))
+
+    async with threadpool_session(only_second) as holder:
+        await holder.execute(text("SELECT 1"))
+        with anyio.CancelScope() as scope:
+            async with anyio.create_task_group() as group:
+                group.start_soon(waiter)
+                await _until(
+                    lambda: engine_stats(second).waiting == engine_stats(first).in_use == 1,
+                    "the waiter holds the first engine and waits for the second",
+                )
+                scope.cancel()
+        assert scope.cancelled_caught
+        assert ran == []
+        assert (engine_stats(first).in_use, engine_stats(first).waiting) == (0, 0)
+        assert (engine_stats(second).in_use, engine_stats(second).waiting) == (1, 0)
+    assert (engine_stats(first).in_use, engine_stats(second).in_use) == (0, 0)
+    async with threadpool_session(both, new=True) as sess:  # both engines free again
+        assert await sess.scalar(select(func.count()).select_from(Post)) == 0
+    assert_clean(first, other_engine)
+    assert_clean(second, other_engine)
+
+
+@pytest.mark.anyio
 async def test_two_sessions_taking_two_engines_in_opposite_orders_never_hang(
     pools_of_one: tuple[Engine, Engine], other_engine: Engine
 ) -> None:

@@ -8,7 +8,9 @@ needs its own transaction opens ``threadpool_session(new=True)``.
 
 from __future__ import annotations
 
+import threading
 import time
+from typing import Any
 
 import anyio
 import pytest
@@ -19,6 +21,7 @@ from helpers import Overlap, assert_clean, user_names
 from models import User
 from sqlalchemy_threadpool import (
     SessionOwnershipError,
+    ThreadpoolSession,
     current_session,
     threadpool_session,
     threadpool_sessionmaker,
@@ -114,6 +117,79 @@ async def test_without_strict_concurrent_children_take_turns(
     assert overlap.peak == 1
     assert user_names(other_engine) == {f"c{i}" for i in range(5)}
     assert_clean(engine, other_engine)
+
+
+async def test_waiting_tasks_take_turns_in_arrival_order(
+    engine: Engine, other_engine: Engine
+) -> None:
+    """Tasks that find the session busy run in the order they came, and the holder calling
+    again at once (before any waiter ran) queues behind them instead of overtaking."""
+    maker = threadpool_sessionmaker(engine)
+    go = threading.Event()
+    order: list[str] = []
+
+    def record(session: Session, name: str) -> None:
+        if name == "first":
+            assert go.wait(10)
+        order.append(name)
+
+    async def holder(sess: ThreadpoolSession) -> None:
+        await sess.run(record, "first")
+        await sess.run(record, "again")  # no checkpoint in between: the waiters came first
+
+    async with threadpool_session(maker) as sess:
+        await sess.execute(text("SELECT 1"))
+        async with anyio.create_task_group() as group:
+            group.start_soon(holder, sess)
+            await anyio.wait_all_tasks_blocked()
+            for name in ("second", "third", "fourth"):
+                group.start_soon(sess.run, record, name)
+                await anyio.wait_all_tasks_blocked()
+            go.set()
+        assert await sess.scalar(text("SELECT 2")) == 2
+    assert order == ["first", "second", "third", "fourth", "again"]
+    assert_clean(engine, other_engine)
+
+
+async def test_a_call_cancelled_before_it_has_the_session_never_runs(
+    engine: Engine, other_engine: Engine
+) -> None:
+    """Cancelled before its turn, whether the session was free or busy: the callable never
+    runs, the other waiters keep their turns, the session stays usable."""
+    maker = threadpool_sessionmaker(engine)
+    go = threading.Event()
+    order: list[str] = []
+
+    def record(session: Session, name: str) -> None:
+        if name == "first":
+            assert go.wait(10)
+        order.append(name)
+
+    async with threadpool_session(maker) as sess:
+        await sess.execute(text("SELECT 1"))
+        with anyio.CancelScope() as free:  # free session, task already cancelled
+            free.cancel()
+            await sess.run(record, "cancelled while free")
+        assert free.cancelled_caught
+        async with anyio.create_task_group() as group:
+            group.start_soon(sess.run, record, "first")
+            await anyio.wait_all_tasks_blocked()
+            queued = anyio.CancelScope()
+            group.start_soon(_run_in, queued, sess, record, "cancelled while queued")
+            await anyio.wait_all_tasks_blocked()
+            group.start_soon(sess.run, record, "third")
+            await anyio.wait_all_tasks_blocked()
+            queued.cancel()
+            await anyio.wait_all_tasks_blocked()
+            go.set()
+        assert await sess.scalar(text("SELECT 2")) == 2
+    assert order == ["first", "third"]
+    assert_clean(engine, other_engine)
+
+
+async def _run_in(scope: anyio.CancelScope, sess: ThreadpoolSession, *args: Any) -> None:
+    with scope:
+        await sess.run(*args)
 
 
 async def test_strict_scope_end_is_never_refused(engine: Engine, other_engine: Engine) -> None:

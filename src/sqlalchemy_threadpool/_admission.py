@@ -5,18 +5,18 @@ A session is *admitted* while it may hold a connection: it has borrowed, through
 maker's ``limiter=`` cap, if any, then the capacity of each engine it binds, shared by
 everything on that engine), taken in the gate's order. The ticket, not the session, is the
 borrower, so that a session dropped without being closed stays collectable;
-:func:`release_lost`, its finalizer, gives the tokens back on the event loop. :data:`admitted`
-lists the admitted sessions for ``shutdown()`` and the stats; :data:`waiting` the tickets
-waiting for admission, since when; a forked child forgets those of its parent. :func:`admit`
-takes the tokens (waiting at most the admission timeout, and logging a wait longer than the
-gate's threshold on this module's logger), :func:`release` gives them back.
+:func:`release_lost`, called when it is collected, gives the tokens back on the event loop.
+:data:`admitted` lists the tickets of the admitted sessions for ``shutdown()`` and the stats;
+:data:`waiting` the tickets waiting for admission, since when; a forked child forgets those of
+its parent. :func:`admit` takes the tokens (waiting at most the admission timeout, and logging
+a wait longer than the gate's threshold on this module's logger), :func:`release` gives them
+back.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import os
 import sys
 import time
@@ -46,8 +46,15 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Admitted sessions (they may hold a connection), for ``shutdown()``, and their tickets.
-admitted: weakref.WeakKeyDictionary[Offloader, Ticket] = weakref.WeakKeyDictionary()
+#: The tickets of the admitted sessions (they may hold a connection), for ``shutdown()`` and
+#: the stats (:attr:`Ticket.owner` is the session's offloader). A plain set: adding and
+#: discarding is one C call each (a ``WeakKeyDictionary`` made a weak reference for both).
+admitted: set[Ticket] = set()
+
+#: Every ticket whose session is alive: keeps its weak reference to the session, and so the
+#: callback that gives back the tokens of a session dropped while admitted, alive even when
+#: the session is collected as part of a reference cycle.
+_watched: set[Ticket] = set()
 
 #: Tickets waiting for admission now, and when (``time.monotonic()``) they began to wait.
 waiting: dict[Ticket, float] = {}
@@ -55,7 +62,8 @@ waiting: dict[Ticket, float] = {}
 
 def admitted_offloaders(engine: Engine) -> list[Offloader]:
     """The admitted sessions (those that may hold a connection) that use ``engine``."""
-    return [offloader for offloader in list(admitted) if offloader.uses(engine)]
+    offloaders = [ticket.owner() for ticket in list(admitted)]
+    return [o for o in offloaders if o is not None and o.uses(engine)]
 
 
 class Ticket:
@@ -66,14 +74,22 @@ class Ticket:
     pool and :func:`release_lost` gives its tokens back instead of losing them for good.
     """
 
-    __slots__ = ("__weakref__", "gate", "schedule", "taken")
+    __slots__ = ("__weakref__", "gate", "owner", "schedule", "taken")
 
-    def __init__(self, gate: Gate) -> None:
+    def __init__(self, gate: Gate, owner: Offloader) -> None:
         self.gate = gate
         #: The limiters it holds a token of, in the order taken.
         self.taken: list[anyio.CapacityLimiter] = []
         #: The event loop's thread-safe "call soon", set at the first admission.
         self.schedule: Callable[..., object] | None = None
+        #: The session it borrows for; when that is collected, :func:`release_lost` runs.
+        self.owner: weakref.ref[Offloader] = weakref.ref(owner, self._lost)
+        _watched.add(self)
+
+    def _lost(self, _: object) -> None:
+        _watched.discard(self)
+        admitted.discard(self)
+        release_lost(self)
 
     def give_back(self) -> None:
         """Release every token it holds (on the loop thread)."""
@@ -104,7 +120,7 @@ def would_block() -> tuple[type[Exception], ...]:
 
 
 def release_lost(ticket: Ticket) -> None:
-    """Finalizer of an Offloader: give back the tokens of a session dropped while admitted.
+    """A session was collected: give back the tokens it held if it was dropped while admitted.
 
     Runs wherever the garbage collector ran; the release itself is handed to the loop.
     """
@@ -133,10 +149,8 @@ async def admit(offloader: Offloader) -> None:
     nobody queued, else waiting (in the gate's order) at most its admission timeout."""
     ticket = offloader.ticket
     if ticket is None:
-        ticket = offloader.ticket = Ticket(offloader.limiter)
+        ticket = offloader.ticket = Ticket(offloader.limiter, offloader)
         ticket.schedule = loop_scheduler()
-        finalizer = weakref.finalize(offloader, release_lost, ticket)
-        finalizer.atexit = False
     limiters = ticket.gate.limiters
     taken = ticket.taken
     try:  # capacity free and nobody queued: no trip round the loop, no cancel scope
@@ -147,41 +161,59 @@ async def admit(offloader: Offloader) -> None:
         await _wait(offloader, ticket, limiters)
     else:
         offloader.is_admitted = True
-        admitted[offloader] = ticket
+        admitted.add(ticket)
 
 
 async def _wait(
     offloader: Offloader, ticket: Ticket, limiters: tuple[anyio.CapacityLimiter, ...]
 ) -> None:
-    """The slow path of :func:`admit`: wait for the tokens not taken yet, in order."""
+    """The slow path of :func:`admit`: wait for the tokens not taken yet, in order.
+
+    A cancel scope only when an admission timeout applies (anyio's only timed wait): without
+    one the wait is a plain cancellable await of the limiters, and a cancellation still gives
+    back the tokens already taken.
+    """
     timeout = offloader.admission_timeout
     started = waiting[ticket] = time.monotonic()
-    limiter = limiters[len(ticket.taken)]
     outcome = "was cancelled"
     try:
-        with anyio.move_on_after(math.inf if timeout is None else timeout) as scope:
-            for limiter in limiters[len(ticket.taken) :]:
-                await limiter.acquire_on_behalf_of(ticket)
-                ticket.taken.append(limiter)
-            offloader.is_admitted = True
-            admitted[offloader] = ticket
-            outcome = "was admitted"
-        if scope.cancelled_caught:
-            outcome = "gave up (admission_timeout)"
-            raise AdmissionTimeoutError(
-                f"No database connection became free within {timeout:g} s: "
-                f"{ticket.gate.describe(limiter)} is all held by other sessions. Keep scopes "
-                "short, raise pool_size/max_overflow (the engine's capacity follows the "
-                "pool), or pass a larger admission_timeout to the maker."
-            )
+        if timeout is None:
+            await _take(ticket, limiters)
+        else:
+            with anyio.move_on_after(timeout) as scope:
+                await _take(ticket, limiters)
+            if scope.cancelled_caught:
+                outcome = "gave up (admission_timeout)"
+                raise AdmissionTimeoutError(
+                    f"No database connection became free within {timeout:g} s: "
+                    f"{ticket.gate.describe(limiters[len(ticket.taken)])} is all held by "
+                    "other sessions. Keep scopes short, raise pool_size/max_overflow (the "
+                    "engine's capacity follows the pool), or pass a larger admission_timeout "
+                    "to the maker."
+                )
+        offloader.is_admitted = True
+        admitted.add(ticket)
+        outcome = "was admitted"
     finally:
         del waiting[ticket]
+        taken = ticket.taken
+        # the limiter waited for last (the last taken once admitted)
+        limiter = limiters[len(taken) - 1 if outcome == "was admitted" else len(taken)]
         if not offloader.is_admitted:
             ticket.give_back()  # the tokens taken before the one it waited for
         threshold = ticket.gate.log_threshold
-        waited = time.monotonic() - started
-        if threshold is not None and waited >= threshold:
-            _log_wait(ticket.gate, limiter, waited, outcome)
+        if threshold is not None:
+            waited = time.monotonic() - started
+            if waited >= threshold:
+                _log_wait(ticket.gate, limiter, waited, outcome)
+
+
+async def _take(ticket: Ticket, limiters: tuple[anyio.CapacityLimiter, ...]) -> None:
+    """Wait for each limiter's token not taken yet, in the gate's order."""
+    taken = ticket.taken
+    for limiter in limiters[len(taken) :]:
+        await limiter.acquire_on_behalf_of(ticket)
+        taken.append(limiter)
 
 
 def _log_wait(gate: Gate, limiter: anyio.CapacityLimiter, waited: float, outcome: str) -> None:
@@ -206,9 +238,9 @@ def _log_wait(gate: Gate, limiter: anyio.CapacityLimiter, waited: float, outcome
 def release(offloader: Offloader) -> None:
     """Give back the tokens of an admitted session (it holds no transaction any more)."""
     offloader.is_admitted = False
-    admitted.pop(offloader, None)
     ticket = offloader.ticket
     assert ticket is not None
+    admitted.discard(ticket)
     ticket.give_back()
 
 
@@ -234,12 +266,14 @@ def _after_fork_in_child() -> None:
     they had borrowed given back to their limiters (the engines' capacities and the caps
     makers made are replaced in the child anyway; a cap passed with ``limiter=`` is kept).
     """
-    inherited = list(admitted.items())
+    inherited = list(admitted)
     admitted.clear()
     waiting.clear()
-    for offloader, ticket in inherited:
-        offloader.end(_INHERITED)
-        _inherited.append(offloader)
+    for ticket in inherited:
+        offloader = ticket.owner()
+        if offloader is not None:
+            offloader.end(_INHERITED)
+            _inherited.append(offloader)
         while ticket.taken:
             try:
                 ticket.taken.pop().release_on_behalf_of(ticket)

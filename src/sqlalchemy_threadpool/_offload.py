@@ -12,8 +12,9 @@ and enforces, in this order:
 1. **Scope and ownership**: a session whose scope has ended raises
    :class:`SessionClosedError` at once; a ``strict`` session used from a task other than its
    owner raises :class:`SessionOwnershipError`.
-2. **Serialisation**: an :class:`anyio.Lock` per session, so calls of one session never overlap
-   and waiting for a turn occupies no thread.
+2. **Serialisation**: a :class:`~._session_lock.SessionLock` per session (a flag while
+   uncontended, an :class:`anyio.Lock` queue for waiters), so calls of one session never
+   overlap, waiters take turns in order, and waiting for a turn occupies no thread.
 3. **Admission**: the maker's :class:`anyio.CapacityLimiter` is sized to the connection pool.
    A session takes one token before its first call and gives it back once it no longer holds
    a transaction (after commit, rollback or close). Only admitted sessions run threads and
@@ -51,6 +52,7 @@ from ._exceptions import (
     TransactionInterruptedError,
 )
 from ._recovery import SHUTDOWN, discard, fail, fail_interrupted, shielded, stop_for_shutdown
+from ._session_lock import SessionLock
 
 if TYPE_CHECKING:
     from ._call import Worker
@@ -109,9 +111,7 @@ class Offloader:
         self._strict = strict
         self._owner: tuple[int, str] | None = _current_task() if strict else None
         # ``None`` when made outside a task: the first task that uses it becomes the owner.
-        # fast_acquire: no trip round the loop when free (the call itself yields), but still
-        # a cancellation check, so a call whose task was cancelled before it never starts.
-        self._lock = anyio.Lock(fast_acquire=True)
+        self._lock = SessionLock()
         self._threads: anyio.CapacityLimiter | None = None
         #: Where the session's dedicated threads come from; ``None``: anyio's worker threads.
         self._workers = workers
@@ -252,32 +252,39 @@ class Offloader:
                 self._release_if_idle()
 
     async def _close(self) -> None:
-        async with self._lock:
-            self.failure = None
-            try:
-                if self.session.in_transaction():
-                    await self._dispatch(self.session.close)
-                else:
-                    self.session.close()  # no transaction, so no connection: no IO
-            except Exception:
-                await discard(self, invalidate=True)
-                raise
-            finally:
-                self._release_if_idle()
+        await self._lock.acquire_shielded()
+        self.failure = None
+        try:
+            if self.session.in_transaction():
+                await self._dispatch(self.session.close)
+            else:
+                self.session.close()  # no transaction, so no connection: no IO
+        except Exception:
+            await discard(self, invalidate=True)
+            raise
+        finally:
+            self._release_if_idle()
+            self._lock.release()
 
     async def _finish(self, *, commit: bool) -> None:
-        async with self._lock:
-            failed = self.failure is not None
+        await self._lock.acquire_shielded()  # (shielded: no cancellation check)
+        failed = self.failure is not None
+        closed = False
+        try:
+            if commit and not failed:
+                if not self.is_admitted:
+                    await admit(self)
+                # One hop for both: closing after a commit detaches the objects, work
+                # better done in the thread than on the loop.
+                await self._dispatch(partial(_commit_and_close, self.session))
+                closed = True
+        finally:
             try:
-                if commit and not failed:
-                    if not self.is_admitted:
-                        await admit(self)
-                    # One hop for both: closing after a commit detaches the objects, work
-                    # better done in the thread than on the loop.
-                    await self._dispatch(partial(_commit_and_close, self.session))
-            finally:
-                await discard(self, invalidate=False)  # (after a commit: nothing left to do)
+                if not closed:  # (committed and closed: nothing left to discard)
+                    await discard(self, invalidate=False)
                 self._release_if_idle()
+            finally:
+                self._lock.release()
         if commit and failed:
             self.check_usable()
 

@@ -126,11 +126,11 @@ def _snapshot(
     by a routing ``get_bind``, not admitted on that engine)."""
     now = time.monotonic()
     # ``list()`` of a dict's items copies it without running Python code, so no other thread
-    # can change it meanwhile; ``keyrefs()`` does the same for the weak registry.
+    # can change it meanwhile; the same holds for ``list()`` of the admitted set.
     starts = [start for ticket, start in list(_admission.waiting.items()) if counts(ticket.gate)]
     in_flight = 0
-    for ref in _admission.admitted.keyrefs():
-        offloader: Offloader | None = ref()
+    for ticket in list(_admission.admitted):
+        offloader: Offloader | None = ticket.owner()
         if offloader is None or offloader.current is None:
             continue
         if counts(offloader.limiter) or (engine is not None and offloader.uses(engine)):
