@@ -1,0 +1,194 @@
+"""Lazy admission: a session is admitted on an engine its ``get_bind`` reaches during a call.
+
+A maker's :class:`~._capacity.Gate` names the engines known up front (``bind=``, ``binds=``),
+and admission takes their capacities before the first call. A routing ``Session.get_bind``
+(reads to a replica, see ``examples/read_replicas.py``) can return an engine the maker was
+never told about; without more, that engine's connections would not count against its
+capacity, and sessions reaching it would block worker threads in its pool's checkout until
+``pool_timeout``. So the sync session class of every maker is a subclass
+(:func:`admitting_class`) whose ``get_bind`` (and ``connection(bind_arguments={"bind": ...})``)
+notes the bind it resolved; when a call running in a worker thread resolves a bind whose
+capacity the session does not hold yet, the worker asks the event loop (through
+``anyio.from_thread.run``, which works on the dedicated workers and on anyio's threads) to take
+a token of that capacity on behalf of the session's :class:`~._admission.Ticket`, *before*
+SQLAlchemy checks a connection out of that engine's pool. The token joins the ticket's
+``taken``, so it goes back with the others when the transaction ends (``release``), when the
+session is lost (``release_lost``) and in a forked child.
+
+Such a token is taken while the session already holds others, out of the gate's process-wide
+order, so two sessions each holding one engine and reaching for the other's could wait for each
+other: the wait is bounded by the maker's ``admission_timeout`` (or, with ``None``, by the
+engine's pool timeout, which is how long the thread would have waited in checkout) and ends in
+:class:`~sqlalchemy_threadpool.AdmissionTimeoutError` raised in the worker, out of the
+SQLAlchemy call that reached the engine. The wait is cancelled with the awaiting task, is
+counted in the stats (:data:`waiting`) and logged as admission waits are.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import weakref
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import anyio.from_thread
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.orm import Session
+
+from ._admission import Ticket, would_block
+from ._binds import pool_timeout
+from ._call import running
+from ._capacity import Capacity, capacity_for
+from ._exceptions import AdmissionTimeoutError
+
+if TYPE_CHECKING:
+    from ._offload import Offloader
+
+__all__ = ["admitting_class", "attach", "waiting"]
+
+logger = logging.getLogger("sqlalchemy_threadpool._admission")
+
+#: Tickets of admitted sessions waiting now for a token of an engine they reached, which
+#: capacity, and since when (``time.monotonic()``), for the stats.
+waiting: dict[Ticket, tuple[Capacity, float]] = {}
+
+#: The attribute of a sync session that holds a weak reference to its Offloader.
+_OFFLOADER = "_sqlalchemy_threadpool_offloader"
+
+
+def attach(session: Session, offloader: Offloader) -> None:
+    """Let ``session``'s ``get_bind`` find the offloader whose admission it extends (weakly:
+    a session dropped without being closed stays collectable)."""
+    session.__dict__[_OFFLOADER] = weakref.ref(offloader)
+
+
+class _AdmitsWhatItReaches(Session):
+    """The mixin :func:`admitting_class` puts in front of a maker's sync session class."""
+
+    def get_bind(self, mapper: Any = None, **kw: Any) -> Engine | Connection:
+        bind = super().get_bind(mapper, **kw)
+        if getattr(running, "call", None) is not None:  # in a call, in its worker thread
+            reached(self, bind)
+        return bind
+
+    def connection(self, bind_arguments: Any = None, execution_options: Any = None) -> Connection:
+        """As :meth:`Session.connection`; a ``bind_arguments["bind"]`` skips ``get_bind``."""
+        bind = None if not bind_arguments else bind_arguments.get("bind")
+        if bind is not None and getattr(running, "call", None) is not None:
+            reached(self, bind)
+        return super().connection(
+            bind_arguments=bind_arguments, execution_options=execution_options
+        )
+
+
+#: The admitting subclass of each sync session class, made once per class.
+_classes: weakref.WeakKeyDictionary[type[Session], type[Session]] = weakref.WeakKeyDictionary()
+
+
+def admitting_class(cls: type[Session]) -> type[Session]:
+    """``cls`` with a ``get_bind`` that admits the session on each engine it reaches.
+
+    The user's own ``get_bind`` (a routing session) still decides; this only looks at what it
+    returned. Same name and module as ``cls``, as the subclass ``sessionmaker`` makes.
+    """
+    made = _classes.get(cls)
+    if made is None:
+        namespace = {"__module__": cls.__module__, "__qualname__": cls.__qualname__}
+        made = _classes[cls] = type(cls.__name__, (_AdmitsWhatItReaches, cls), namespace)
+    return made
+
+
+def reached(session: Session, bind: Engine | Connection) -> None:
+    """In a worker thread: ``session``'s call is about to use ``bind``; make sure the session
+    holds a token of its capacity (taking one on the loop if not), before any checkout."""
+    ref = session.__dict__.get(_OFFLOADER)
+    offloader: Offloader | None = None if ref is None else ref()
+    if offloader is None or not offloader.is_admitted:
+        return
+    ticket = offloader.ticket
+    if ticket is None:
+        return
+    capacity = capacity_for(bind)
+    if capacity.limiter in ticket.taken:  # (read only: the loop changes it between calls)
+        return
+    timeout = offloader.admission_timeout
+    if timeout is None:  # never forever: this session holds other tokens meanwhile
+        timeout = pool_timeout(bind)
+    anyio.from_thread.run(_take, ticket, capacity, timeout)
+
+
+async def _take(ticket: Ticket, capacity: Capacity, seconds: float) -> None:
+    """On the loop: take a token of ``capacity`` for ``ticket``, waiting at most ``seconds``."""
+    limiter = capacity.limiter
+    if limiter in ticket.taken:
+        return
+    try:
+        limiter.acquire_on_behalf_of_nowait(ticket)
+    except would_block():
+        await _wait(ticket, capacity, seconds)
+    else:
+        ticket.taken.append(limiter)
+
+
+async def _wait(ticket: Ticket, capacity: Capacity, seconds: float) -> None:
+    limiter = capacity.limiter
+    started = time.monotonic()
+    waiting[ticket] = (capacity, started)
+    outcome = "was cancelled"
+    try:
+        with anyio.move_on_after(seconds) as scope:
+            await limiter.acquire_on_behalf_of(ticket)
+            ticket.taken.append(limiter)  # (no await since the acquire: never lost)
+            outcome = "was admitted"
+        if scope.cancelled_caught:
+            outcome = "gave up (admission_timeout)"
+            raise AdmissionTimeoutError(
+                f"No database connection became free within {seconds:g} s: the "
+                f"{limiter.total_tokens:g}-session capacity of {capacity.name}, an engine "
+                "this session's routing get_bind reached, is all held by other sessions, "
+                "while this session holds connections of other engines. Two sessions that "
+                "each hold one engine and reach for the other's end this way instead of "
+                "waiting for each other for ever. Keep transactions that use several engines "
+                "short, raise that engine's pool_size/max_overflow, pass a larger "
+                "admission_timeout to the maker, or bind the maker to the engine too "
+                "(binds=) so that it is admitted up front, in order."
+            )
+    finally:
+        del waiting[ticket]
+        threshold = ticket.gate.log_threshold
+        waited = time.monotonic() - started
+        if threshold is not None and waited >= threshold:
+            _log_wait(capacity, waited, outcome)
+
+
+def _log_wait(capacity: Capacity, waited: float, outcome: str) -> None:
+    limiter = capacity.limiter
+    total, in_use = int(limiter.total_tokens), limiter.borrowed_tokens
+    queued = limiter.statistics().tasks_waiting
+    logger.warning(
+        "a session waited %.3f s for a database connection of an engine its get_bind "
+        "reached and %s: the %d-session capacity of %s, %d in use, %d waiting",
+        waited,
+        outcome,
+        total,
+        capacity.name,
+        in_use,
+        queued,
+        extra={
+            "admission_wait": waited,
+            "capacity": total,
+            "in_use": in_use,
+            "waiting": queued,
+        },
+    )
+
+
+def _after_fork_in_child() -> None:
+    """A forked child: the parent's waits are not the child's."""
+    waiting.clear()
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows, which does not fork
+    os.register_at_fork(after_in_child=_after_fork_in_child)
