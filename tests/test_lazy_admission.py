@@ -28,6 +28,7 @@ from helpers import assert_clean, checked_out, user_names
 from models import User
 from sqlalchemy_threadpool import (
     AdmissionTimeoutError,
+    ThreadpoolSession,
     engine_stats,
     threadpool_session,
     threadpool_sessionmaker,
@@ -238,4 +239,56 @@ async def test_a_connection_a_routing_get_bind_returns_serves_one_session_at_a_t
         assert done == ["first", "second"]
         assert engine_stats(shared).in_use == 0
         shared.rollback()
+    assert_clean(primary, other_engine)
+
+
+async def test_a_task_cancelled_while_waiting_for_a_routed_engine_stops_waiting(
+    primary: Engine, replica: Engine, other_engine: Engine
+) -> None:
+    """The wait on the loop is cancelled with the task: the worker leaves the SQLAlchemy call,
+    the session's tokens (the primary's) go back, the routed token is never taken."""
+    maker = routing_maker(primary, {"replica": replica})
+    outcomes: list[str] = []
+    async with threadpool_session(maker, new=True) as holder:
+        assert await holder.scalar(on("replica")) == 1
+
+        with anyio.CancelScope() as scope:
+            async with anyio.create_task_group() as group:
+
+                async def cancel_once_waiting() -> None:
+                    await _until(lambda: engine_stats(replica).waiting == 1, "it waits")
+                    assert engine_stats(primary).in_use == 2  # both admitted on their bind
+                    scope.cancel()
+
+                group.start_soon(cancel_once_waiting)
+                async with threadpool_session(maker, new=True) as waiter:
+                    await waiter.scalar(on("replica"))
+                    outcomes.append("read")
+        assert scope.cancelled_caught
+        assert outcomes == []
+        stats = engine_stats(replica)
+        assert (stats.in_use, stats.waiting) == (1, 0)  # only the holder's
+        assert engine_stats(primary).in_use == 1  # the waiter's went back
+        assert await holder.scalar(on("replica")) == 1  # the holder is unaffected
+    assert (engine_stats(primary).in_use, engine_stats(replica).in_use) == (0, 0)
+    assert checked_out(replica) == 0
+    assert_clean(primary, other_engine)
+
+
+async def test_a_session_bound_to_a_connection_is_admitted_on_the_engine_it_routes_to(
+    primary: Engine, replica: Engine, other_engine: Engine
+) -> None:
+    """``ThreadpoolSession(connection, ...)``: the Connection's capacity of one up front, the
+    routed engine's when reached."""
+    with primary.connect() as conn:
+        sess = ThreadpoolSession(conn, sync_session_class=Routing, info={"engines": {}})
+        sess.info["engines"]["replica"] = replica
+        async with sess:
+            await sess.execute(text("SELECT 1"))
+            assert (engine_stats(conn).in_use, engine_stats(replica).in_use) == (1, 0)
+            assert await sess.scalar(on("replica")) == 1
+            assert (engine_stats(conn).in_use, engine_stats(replica).in_use) == (1, 1)
+        assert (engine_stats(conn).in_use, engine_stats(replica).in_use) == (0, 0)
+        conn.rollback()
+    assert checked_out(replica) == 0
     assert_clean(primary, other_engine)
