@@ -61,7 +61,7 @@ class ThreadpoolStats:
     in_flight: int
     """Calls handed to worker threads and not finished yet. For :func:`engine_stats`, those of
     the sessions admitted on the engine and of any other session that holds a connection of it
-    (a routing ``get_bind`` reaches engines its session was not admitted on)."""
+    (a session holds a token of an engine its routing ``get_bind`` reached, too)."""
 
     def __repr__(self) -> str:
         return (
