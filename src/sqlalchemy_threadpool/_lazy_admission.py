@@ -54,14 +54,28 @@ logger = logging.getLogger("sqlalchemy_threadpool._admission")
 #: capacity, and since when (``time.monotonic()``), for the stats.
 waiting: dict[Ticket, tuple[Capacity, float]] = {}
 
-#: The attribute of a sync session that holds a weak reference to its Offloader.
-_OFFLOADER = "_sqlalchemy_threadpool_offloader"
+#: The attribute of a sync session that holds its :class:`_Reach`.
+_REACH = "_sqlalchemy_threadpool_reach"
+
+
+class _Reach:
+    """What a sync session's ``get_bind`` needs: its offloader, the capacity of each bind it
+    resolved so far (looked up once per bind), and which of them its gate takes up front."""
+
+    __slots__ = ("capacities", "offloader", "up_front")
+
+    def __init__(self, offloader: Offloader) -> None:
+        #: Weak: a session dropped without being closed stays collectable.
+        self.offloader = weakref.ref(offloader)
+        self.capacities: dict[Engine | Connection, Capacity] = {}
+        #: Binds whose capacity is in the session's gate: held whenever a call runs, so
+        #: ``get_bind`` returning one of them (the common case) costs one set look-up.
+        self.up_front: set[Engine | Connection] = set()
 
 
 def attach(session: Session, offloader: Offloader) -> None:
-    """Let ``session``'s ``get_bind`` find the offloader whose admission it extends (weakly:
-    a session dropped without being closed stays collectable)."""
-    session.__dict__[_OFFLOADER] = weakref.ref(offloader)
+    """Let ``session``'s ``get_bind`` find the offloader whose admission it extends."""
+    session.__dict__[_REACH] = _Reach(offloader)
 
 
 class _AdmitsWhatItReaches(Session):
@@ -69,7 +83,12 @@ class _AdmitsWhatItReaches(Session):
 
     def get_bind(self, mapper: Any = None, **kw: Any) -> Engine | Connection:
         bind = super().get_bind(mapper, **kw)
-        if getattr(running, "call", None) is not None:  # in a call, in its worker thread
+        reach: _Reach | None = self.__dict__.get(_REACH)
+        if (
+            reach is not None
+            and bind not in reach.up_front
+            and getattr(running, "call", None) is not None  # in a call, in its worker thread
+        ):
             reached(self, bind)
         return bind
 
@@ -103,14 +122,20 @@ def admitting_class(cls: type[Session]) -> type[Session]:
 def reached(session: Session, bind: Engine | Connection) -> None:
     """In a worker thread: ``session``'s call is about to use ``bind``; make sure the session
     holds a token of its capacity (taking one on the loop if not), before any checkout."""
-    ref = session.__dict__.get(_OFFLOADER)
-    offloader: Offloader | None = None if ref is None else ref()
+    reach: _Reach | None = session.__dict__.get(_REACH)
+    if reach is None:
+        return
+    offloader = reach.offloader()
     if offloader is None or not offloader.is_admitted:
         return
     ticket = offloader.ticket
     if ticket is None:
         return
-    capacity = capacity_for(bind)
+    capacity = reach.capacities.get(bind)
+    if capacity is None:
+        capacity = reach.capacities[bind] = capacity_for(bind)
+        if capacity in ticket.gate.capacities:
+            reach.up_front.add(bind)
     if capacity.limiter in ticket.taken:  # (read only: the loop changes it between calls)
         return
     timeout = offloader.admission_timeout
