@@ -242,12 +242,23 @@ async def test_a_connection_a_routing_get_bind_returns_serves_one_session_at_a_t
     assert_clean(primary, other_engine)
 
 
+@pytest.mark.parametrize("offload", ["worker", "anyio"])
 async def test_a_task_cancelled_while_waiting_for_a_routed_engine_stops_waiting(
-    primary: Engine, replica: Engine, other_engine: Engine
+    offload: str,
+    primary: Engine,
+    replica: Engine,
+    other_engine: Engine,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """The wait on the loop is cancelled with the task: the worker leaves the SQLAlchemy call,
     the session's tokens (the primary's) go back, the routed token is never taken."""
-    maker = routing_maker(primary, {"replica": replica})
+    maker = routing_maker(
+        primary,
+        {"replica": replica},
+        offload=offload,
+        admission_timeout=60,
+        admission_log_threshold=0,  # every wait is logged with how it ended
+    )
     outcomes: list[str] = []
     async with threadpool_session(maker, new=True) as holder:
         assert await holder.scalar(on("replica")) == 1
@@ -273,6 +284,9 @@ async def test_a_task_cancelled_while_waiting_for_a_routed_engine_stops_waiting(
     assert (engine_stats(primary).in_use, engine_stats(replica).in_use) == (0, 0)
     assert checked_out(replica) == 0
     assert_clean(primary, other_engine)
+    waits = [r.getMessage() for r in caplog.records if "its get_bind reached" in r.getMessage()]
+    assert len(waits) == 1, waits
+    assert "reached and was cancelled" in waits[0]  # not ended by the admission timeout
 
 
 async def test_a_session_bound_to_a_connection_is_admitted_on_the_engine_it_routes_to(

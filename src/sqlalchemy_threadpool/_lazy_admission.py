@@ -41,18 +41,34 @@ from ._admission import Ticket, would_block
 from ._binds import pool_timeout
 from ._call import running
 from ._capacity import Capacity, capacity_for
+from ._events import _CallGivenUp as CallGivenUp
 from ._exceptions import AdmissionTimeoutError
 
 if TYPE_CHECKING:
     from ._offload import Offloader
 
-__all__ = ["admitting_class", "attach", "waiting"]
+__all__ = ["Waiting", "admitting_class", "attach", "stop_waiting", "waiting"]
 
 logger = logging.getLogger("sqlalchemy_threadpool._admission")
 
-#: Tickets of admitted sessions waiting now for a token of an engine they reached, which
-#: capacity, and since when (``time.monotonic()``), for the stats.
-waiting: dict[Ticket, tuple[Capacity, float]] = {}
+
+class Waiting:
+    """An admitted session waiting for a token of an engine it reached."""
+
+    __slots__ = ("capacity", "given_up", "scope", "started")
+
+    def __init__(self, capacity: Capacity, scope: anyio.CancelScope) -> None:
+        self.capacity = capacity
+        #: When it began to wait (``time.monotonic()``), for the stats.
+        self.started = time.monotonic()
+        #: The scope of the wait, which :func:`stop_waiting` cancels.
+        self.scope = scope
+        #: Whether :func:`stop_waiting` ended it (the loop gave up on the call).
+        self.given_up = False
+
+
+#: The tickets of admitted sessions waiting now for a token of an engine they reached.
+waiting: dict[Ticket, Waiting] = {}
 
 #: The attribute of a sync session that holds its :class:`_Reach`.
 _REACH = "_sqlalchemy_threadpool_reach"
@@ -141,32 +157,51 @@ def reached(session: Session, bind: Engine | Connection) -> None:
     timeout = offloader.admission_timeout
     if timeout is None:  # never forever: this session holds other tokens meanwhile
         timeout = pool_timeout(bind)
-    anyio.from_thread.run(_take, ticket, capacity, timeout)
+    if not anyio.from_thread.run(_take, ticket, capacity, timeout):
+        raise CallGivenUp(
+            "The task awaiting this call was cancelled (or shutdown() stopped it) while the "
+            f"call waited for admission on {capacity.name}, which this session's get_bind "
+            "reached; its transaction is being rolled back."
+        )
 
 
-async def _take(ticket: Ticket, capacity: Capacity, seconds: float) -> None:
-    """On the loop: take a token of ``capacity`` for ``ticket``, waiting at most ``seconds``."""
+def stop_waiting(offloader: Offloader) -> None:
+    """On the loop: the call of ``offloader`` was given up on; end its wait for a token, if it
+    waits for one (the worker then leaves with :class:`CallGivenUp`). Needed where the wait
+    is not cancelled with the awaiting task (anyio's threads on trio)."""
+    ticket = offloader.ticket
+    wait = None if ticket is None else waiting.get(ticket)
+    if wait is not None:
+        wait.given_up = True
+        wait.scope.cancel()
+
+
+async def _take(ticket: Ticket, capacity: Capacity, seconds: float) -> bool:
+    """On the loop: take a token of ``capacity`` for ``ticket``, waiting at most ``seconds``;
+    ``False`` if :func:`stop_waiting` ended the wait."""
     limiter = capacity.limiter
     if limiter in ticket.taken:
-        return
+        return True
     try:
         limiter.acquire_on_behalf_of_nowait(ticket)
     except would_block():
-        await _wait(ticket, capacity, seconds)
-    else:
-        ticket.taken.append(limiter)
+        return await _wait(ticket, capacity, seconds)
+    ticket.taken.append(limiter)
+    return True
 
 
-async def _wait(ticket: Ticket, capacity: Capacity, seconds: float) -> None:
+async def _wait(ticket: Ticket, capacity: Capacity, seconds: float) -> bool:
     limiter = capacity.limiter
-    started = time.monotonic()
-    waiting[ticket] = (capacity, started)
+    wait = waiting[ticket] = Waiting(capacity, anyio.CancelScope())
     outcome = "was cancelled"
     try:
-        with anyio.move_on_after(seconds) as scope:
+        with wait.scope as scope:
+            scope.deadline = anyio.current_time() + seconds
             await limiter.acquire_on_behalf_of(ticket)
             ticket.taken.append(limiter)  # (no await since the acquire: never lost)
             outcome = "was admitted"
+        if wait.given_up:
+            return False
         if scope.cancelled_caught:
             outcome = "gave up (admission_timeout)"
             raise AdmissionTimeoutError(
@@ -183,9 +218,10 @@ async def _wait(ticket: Ticket, capacity: Capacity, seconds: float) -> None:
     finally:
         del waiting[ticket]
         threshold = ticket.gate.log_threshold
-        waited = time.monotonic() - started
+        waited = time.monotonic() - wait.started
         if threshold is not None and waited >= threshold:
             _log_wait(capacity, waited, outcome)
+    return True
 
 
 def _log_wait(capacity: Capacity, waited: float, outcome: str) -> None:

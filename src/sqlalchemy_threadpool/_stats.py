@@ -134,9 +134,9 @@ def _snapshot(
     # can change it meanwhile; ``keyrefs()`` does the same for the weak registry.
     starts = [start for ticket, start in list(_admission.waiting.items()) if counts(ticket.gate)]
     starts += [
-        start
-        for ticket, (capacity, start) in list(_lazy_admission.waiting.items())
-        if reaching(ticket.gate, capacity)
+        wait.started
+        for ticket, wait in list(_lazy_admission.waiting.items())
+        if reaching(ticket.gate, wait.capacity)
     ]
     in_flight = 0
     for ref in _admission.admitted.keyrefs():
