@@ -20,8 +20,10 @@ order, so two sessions each holding one engine and reaching for the other's coul
 other: the wait is bounded by the maker's ``admission_timeout`` (or, with ``None``, by the
 engine's pool timeout, which is how long the thread would have waited in checkout) and ends in
 :class:`~sqlalchemy_threadpool.AdmissionTimeoutError` raised in the worker, out of the
-SQLAlchemy call that reached the engine. The wait is cancelled with the awaiting task, is
-counted in the stats (:data:`waiting`) and logged as admission waits are.
+SQLAlchemy call that reached the engine. The wait runs on the loop while the worker thread
+waits for its outcome; it ends when the loop gives up on the call (the awaiting task cancelled,
+``shutdown()``: :func:`stop_waiting`, called by the recovery), is counted in the stats
+(:data:`waiting`) and logged as admission waits are.
 """
 
 from __future__ import annotations
