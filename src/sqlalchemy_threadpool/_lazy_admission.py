@@ -41,7 +41,7 @@ from sqlalchemy.orm import Session
 
 from ._admission import Ticket, would_block
 from ._binds import pool_timeout
-from ._call import running
+from ._call import RUNNING, Call, running
 from ._capacity import Capacity, capacity_for
 from ._events import _CallGivenUp as CallGivenUp
 from ._exceptions import AdmissionTimeoutError
@@ -159,7 +159,10 @@ def reached(session: Session, bind: Engine | Connection) -> None:
     timeout = offloader.admission_timeout
     if timeout is None:  # never forever: this session holds other tokens meanwhile
         timeout = pool_timeout(bind)
-    if not anyio.from_thread.run(_take, ticket, capacity, timeout):
+    call: Call | None = getattr(running, "call", None)
+    if call is None:
+        return
+    if not anyio.from_thread.run(_take, call, ticket, capacity, timeout):
         raise CallGivenUp(
             "The task awaiting this call was cancelled (or shutdown() stopped it) while the "
             f"call waited for admission on {capacity.name}, which this session's get_bind "
@@ -178,9 +181,12 @@ def stop_waiting(offloader: Offloader) -> None:
         wait.scope.cancel()
 
 
-async def _take(ticket: Ticket, capacity: Capacity, seconds: float) -> bool:
+async def _take(call: Call, ticket: Ticket, capacity: Capacity, seconds: float) -> bool:
     """On the loop: take a token of ``capacity`` for ``ticket``, waiting at most ``seconds``;
-    ``False`` if :func:`stop_waiting` ended the wait."""
+    ``False`` if the loop gave up on ``call`` before (checked here, on the loop, where it gives
+    up) or meanwhile (:func:`stop_waiting` ended the wait)."""
+    if call.state is not RUNNING:
+        return False
     limiter = capacity.limiter
     if limiter in ticket.taken:
         return True
