@@ -61,8 +61,9 @@ def _back_to_the_replica(session: Session, transaction: SessionTransaction) -> N
 def routing_sessionmaker(primary: Engine, replica: Engine, **kw: Any) -> threadpool_sessionmaker:
     """A threadpool maker whose sessions read from ``replica`` and write to ``primary``.
 
-    Give the replica's pool at least the primary's size: the maker admits as many sessions as
-    the primary's pool holds, and each may hold one connection to each engine.
+    A session is admitted on the primary's capacity before its first call and on the
+    replica's when it first reads there (each sized from its own pool), until its
+    transaction ends: size each pool for the sessions that use it.
     """
     return threadpool_sessionmaker(
         primary, sync_session_class=RoutingSession, info={REPLICA: replica}, **kw

@@ -234,6 +234,43 @@ async def test_fail_after_stops_the_statement_on_the_other_engine(
     assert checked_out(engine_b) == 0
 
 
+@only_on("postgresql", "mysql")
+@pytest.mark.parametrize("setup", SETUPS)
+async def test_a_session_is_admitted_on_the_other_engine_and_gives_it_back_when_cancelled(
+    setup: str, engine: Engine, engine_b: Engine, observer_b: Engine
+) -> None:
+    """Also when only a routing get_bind reaches B: B's stats count the session while its
+    statement runs there; cancelled, the statement stops on B and the token goes back."""
+    maker = make_maker(setup, engine, engine_b, cleanup_timeout=2 * LONG)
+    call = SleepOnB(setup, engine.dialect.name)
+    seen: list[int] = []
+
+    async def count_then_wait() -> None:
+        await sess.run(call)
+
+    async with threadpool_session(maker) as sess:
+        with anyio.CancelScope() as scope:
+            async with anyio.create_task_group() as group:
+
+                async def cancel_when_running() -> None:
+                    await wait_until_running(observer_b, call.started)
+                    seen.append(engine_stats(engine_b).in_use)
+                    scope.cancel()
+
+                group.start_soon(cancel_when_running)
+                await count_then_wait()
+        assert scope.cancelled_caught
+        assert engine_stats(engine_b).in_use == 0
+        await sess.rollback()
+    assert seen == [1]
+    assert not call.returned
+    assert_cancelled_by_the_server(call.errors[0], engine.dialect.name)
+    assert busy_backends(observer_b) == []
+    assert (engine_stats(engine).in_use, engine_stats(engine_b).in_use) == (0, 0)
+    assert checked_out(engine) == 0
+    assert checked_out(engine_b) == 0
+
+
 # -- 2. guard --------------------------------------------------------------------------------
 
 

@@ -27,7 +27,7 @@ from helpers import busy_backends, cancel_once_running, checked_out
 from models import Base, User
 from scaleout import ThrowawayStandby, start_replica_pair
 from servers import ServerError, ThrowawayServer
-from sqlalchemy_threadpool import threadpool_session, threadpool_sessionmaker
+from sqlalchemy_threadpool import engine_stats, threadpool_session, threadpool_sessionmaker
 from webhelpers import load_example
 
 pytestmark = pytest.mark.anyio
@@ -127,7 +127,9 @@ async def test_reads_go_to_the_replica_and_writes_to_the_primary(
     maker = maker_for(routing, engines)
     async with threadpool_session(maker) as sess:
         assert await sess.scalar(WHERE) is True  # a read: the standby
+        assert engine_stats(replica).in_use == 1  # admitted on the standby's capacity
         assert await sess.scalar(WHERE.execution_options(primary=True)) is False
+    assert (engine_stats(primary).in_use, engine_stats(replica).in_use) == (0, 0)
     async with threadpool_session(maker) as sess:
         sess.add(User(name="w"))
         await sess.flush()  # a write: the primary...

@@ -11,7 +11,9 @@ A maker turns its binds and its ``limiter=`` option into a :class:`Gate`: the or
 limiters a session takes to be admitted: the maker's own cap first (``limiter=``: a share of
 the engine's capacity, e.g. so background jobs cannot take every connection), then the
 capacity of each engine it binds, in one process-wide order. Taking them in one order is what
-keeps two sessions on the same two engines from waiting for each other for ever.
+keeps two sessions on the same two engines from waiting for each other for ever. An engine
+the maker was not given, reached through a routing ``get_bind``, is admitted on when reached
+(:mod:`._lazy_admission`).
 
 A forked child gets fresh limiters of the same sizes (its parent's tasks hold the old tokens).
 """
@@ -43,7 +45,8 @@ __all__ = [
 ]
 
 #: Tokens when the pool does not bound connections (NullPool, unlimited overflow) or when
-#: the engine is not known (no bind, a routing ``get_bind``): as many threads as anyio's own
+#: the engine is not known (a maker without a bind: its sessions are admitted on the engines
+#: they reach as they reach them, :mod:`._lazy_admission`): as many threads as anyio's own
 #: default limiter allows.
 UNBOUNDED_POOL_TOKENS = 40
 

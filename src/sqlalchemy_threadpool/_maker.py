@@ -26,6 +26,7 @@ from ._events import install as install_events
 from ._events import watch_binds
 from ._exceptions import ConfigurationError
 from ._guard import GuardMode
+from ._lazy_admission import admitting_class, attach
 from ._offload import CLEANUP_TIMEOUT, Offloader
 from ._session import ThreadpoolSession
 from ._transaction import ThreadpoolSessionTransaction
@@ -176,7 +177,9 @@ class threadpool_sessionmaker(Generic[_TS]):
             "workers": workers,
         }
         settings = self._settle(session_kw, options)
-        self.sync_maker: sessionmaker[Session] = sessionmaker(class_=self.sync_class, **session_kw)
+        self.sync_maker: sessionmaker[Session] = sessionmaker(
+            class_=admitting_class(self.sync_class), **session_kw
+        )
         self._adopt(settings)
         install_events(self.sync_maker, guard)
 
@@ -200,6 +203,7 @@ class threadpool_sessionmaker(Generic[_TS]):
             strict=self.strict,
             workers=self._workers,
         )
+        attach(sync_session, offloader)  # admitted on the engines its get_bind reaches too
         return sync_session, offloader
 
     def begin(self) -> _BeginContext[_TS]:

@@ -35,6 +35,7 @@ from sqlalchemy.orm import Session
 
 from ._call import STOPPED, Call
 from ._cancel import sever
+from ._lazy_admission import stop_waiting
 
 if TYPE_CHECKING:
     from ._offload import Offloader
@@ -84,6 +85,7 @@ async def _cancel_until_left(
     off: Offloader, left: threading.Event, sever_at: float | None = None
 ) -> None:
     """Make a call given up on leave its worker: cancel its statement until ``left``."""
+    stop_waiting(off)  # (a worker waiting for admission on an engine it reached: no statement)
     canceller = off.canceller
     if canceller is None or not canceller.applies_to(off.session):
         # cancel_statements=False, or no mechanism for any engine of the session: wait, but

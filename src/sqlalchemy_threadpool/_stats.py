@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from sqlalchemy.engine import Connection, Engine
 
-from . import _admission
+from . import _admission, _lazy_admission
 from ._capacity import Capacity, capacity_for
 
 if TYPE_CHECKING:
@@ -61,7 +61,7 @@ class ThreadpoolStats:
     in_flight: int
     """Calls handed to worker threads and not finished yet. For :func:`engine_stats`, those of
     the sessions admitted on the engine and of any other session that holds a connection of it
-    (a routing ``get_bind`` reaches engines its session was not admitted on)."""
+    (a session holds a token of an engine its routing ``get_bind`` reached, too)."""
 
     def __repr__(self) -> str:
         return (
@@ -80,6 +80,7 @@ def maker_stats(maker: threadpool_sessionmaker[Any]) -> ThreadpoolStats:
         gate.limiter,
         lambda g: g.owner is owner,
         [] if workers is None else [workers],
+        reaching=lambda g, c: g.owner is owner,
     )
 
 
@@ -108,6 +109,7 @@ def engine_stats(engine: Engine | Connection | ThreadpoolEngine) -> ThreadpoolSt
         lambda g: _has(g, capacity),
         list(capacity.pools),
         engine.engine,
+        reaching=lambda g, c: c is capacity,
     )
 
 
@@ -120,14 +122,22 @@ def _snapshot(
     counts: Callable[[Gate], bool],
     pools: list[WorkerPool],
     engine: Engine | None = None,
+    *,
+    reaching: Callable[[Gate, Capacity], bool],
 ) -> ThreadpoolStats:
     """Read the counts; ``counts(gate)`` says whether a session with that gate is counted; a
     call in flight also counts if its session holds a connection of ``engine`` (one reached
-    by a routing ``get_bind``, not admitted on that engine)."""
+    by a routing ``get_bind``, not in its gate); ``reaching(gate, capacity)`` whether a session
+    admitted already and waiting for the capacity of an engine it reached is counted."""
     now = time.monotonic()
     # ``list()`` of a dict's items copies it without running Python code, so no other thread
     # can change it meanwhile; the same holds for ``list()`` of the admitted set.
     starts = [start for ticket, start in list(_admission.waiting.items()) if counts(ticket.gate)]
+    starts += [
+        wait.started
+        for ticket, wait in list(_lazy_admission.waiting.items())
+        if reaching(ticket.gate, wait.capacity)
+    ]
     in_flight = 0
     for ticket in list(_admission.admitted):
         offloader: Offloader | None = ticket.owner()
