@@ -5,29 +5,28 @@ A session is *admitted* while it may hold a connection: it has borrowed, through
 maker's ``limiter=`` cap, if any, then the capacity of each engine it binds, shared by
 everything on that engine), taken in the gate's order. The ticket, not the session, is the
 borrower, so that a session dropped without being closed stays collectable;
-:func:`release_lost`, its finalizer, gives the tokens back on the event loop. :data:`admitted`
-lists the admitted sessions for ``shutdown()`` and the stats; :data:`waiting` the tickets
-waiting for admission, since when; a forked child forgets those of its parent. :func:`admit`
-takes the tokens (waiting at most the admission timeout, and logging a wait longer than the
-gate's threshold on this module's logger), :func:`release` gives them back.
+:func:`release_lost`, its finalizer, gives the tokens back (also after its loop ended).
+:data:`admitted` lists the admitted sessions for ``shutdown()`` and the stats; :data:`waiting`
+the tickets waiting for admission, since when; a forked child forgets those of its parent.
+:func:`admit` takes the tokens (waiting at most the admission timeout, and logging a wait
+longer than the gate's threshold on this module's logger), :func:`release` gives them back.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import os
 import sys
 import time
 import weakref
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import anyio
 from sqlalchemy.engine import Engine
 
 from ._exceptions import AdmissionTimeoutError
+from ._loops import bind_to_this_run, give_back_lost
 
 if TYPE_CHECKING:
     from ._capacity import Gate
@@ -38,7 +37,6 @@ __all__ = [
     "admit",
     "admitted",
     "admitted_offloaders",
-    "loop_scheduler",
     "release",
     "release_lost",
     "would_block",
@@ -66,30 +64,18 @@ class Ticket:
     pool and :func:`release_lost` gives its tokens back instead of losing them for good.
     """
 
-    __slots__ = ("__weakref__", "gate", "schedule", "taken")
+    __slots__ = ("__weakref__", "gate", "taken")
 
     def __init__(self, gate: Gate) -> None:
         self.gate = gate
         #: The limiters it holds a token of, in the order taken.
         self.taken: list[anyio.CapacityLimiter] = []
-        #: The event loop's thread-safe "call soon", set at the first admission.
-        self.schedule: Callable[..., object] | None = None
 
     def give_back(self) -> None:
         """Release every token it holds (on the loop thread)."""
         taken = self.taken
         while taken:
             taken.pop().release_on_behalf_of(self)
-
-
-def loop_scheduler() -> Callable[..., object]:
-    """The running event loop's thread-safe way to run a callback soon (asyncio or trio)."""
-    try:
-        return asyncio.get_running_loop().call_soon_threadsafe
-    except RuntimeError:  # not asyncio: anyio's only other backend
-        import trio
-
-        return trio.lowlevel.current_trio_token().run_sync_soon
 
 
 def would_block() -> tuple[type[Exception], ...]:
@@ -106,15 +92,13 @@ def would_block() -> tuple[type[Exception], ...]:
 def release_lost(ticket: Ticket) -> None:
     """Finalizer of an Offloader: give back the tokens of a session dropped while admitted.
 
-    Runs wherever the garbage collector ran; the release itself is handed to the loop.
+    Runs wherever the garbage collector ran, also after the session's loop has ended: each
+    token goes back in the loop that waits on its limiter, if one does (:mod:`._loops`).
     """
-    if not ticket.taken or ticket.schedule is None:
+    if not ticket.taken:
         return
     taken, ticket.taken = ticket.taken, []  # (the session is gone: nobody else uses it)
-    try:
-        ticket.schedule(_give_back_for, taken, ticket)
-    except RuntimeError:  # the loop has closed: its limiters are gone with it
-        return
+    give_back_lost(taken, ticket)
     logger.warning(
         "a ThreadpoolSession was garbage-collected while it held a transaction; its "
         "transaction was lost and its connection capacity given back. End every session: "
@@ -123,18 +107,12 @@ def release_lost(ticket: Ticket) -> None:
     )
 
 
-def _give_back_for(taken: list[anyio.CapacityLimiter], borrower: Ticket) -> None:
-    while taken:
-        taken.pop().release_on_behalf_of(borrower)
-
-
 async def admit(offloader: Offloader) -> None:
     """Take a token of each limiter of the session's gate: at once when each has one free and
     nobody queued, else waiting (in the gate's order) at most its admission timeout."""
     ticket = offloader.ticket
     if ticket is None:
         ticket = offloader.ticket = Ticket(offloader.limiter)
-        ticket.schedule = loop_scheduler()
         finalizer = weakref.finalize(offloader, release_lost, ticket)
         finalizer.atexit = False
     limiters = ticket.gate.limiters
@@ -155,6 +133,7 @@ async def _wait(
 ) -> None:
     """The slow path of :func:`admit`: wait for the tokens not taken yet, in order."""
     timeout = offloader.admission_timeout
+    limiters = bind_to_this_run(ticket.gate)  # (waited on in another loop before?)
     started = waiting[ticket] = time.monotonic()
     limiter = limiters[len(ticket.taken)]
     outcome = "was cancelled"

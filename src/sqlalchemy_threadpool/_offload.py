@@ -50,6 +50,7 @@ from ._exceptions import (
     SessionOwnershipError,
     TransactionInterruptedError,
 )
+from ._loops import locked, relock
 from ._recovery import SHUTDOWN, discard, fail, fail_interrupted, shielded, stop_for_shutdown
 
 if TYPE_CHECKING:
@@ -198,7 +199,11 @@ class Offloader:
             self.check_open()
         if self._strict:
             self._check_owner()
-        async with self._lock:
+        try:
+            await self._lock.acquire()
+        except RuntimeError as exc:  # the other event loop library's lock (see _loops)
+            await relock(self, exc)
+        try:
             if self._closed_reason is not None:
                 self.check_open()
             if recovers:
@@ -211,6 +216,8 @@ class Offloader:
                 return await self._dispatch(fn, where)  # type: ignore[no-any-return]
             finally:
                 self._release_if_idle()
+        finally:
+            self._lock.release()
 
     async def finish(self, *, commit: bool) -> None:
         """End the unit of work: commit, or roll back; then close. Shielded.
@@ -245,14 +252,14 @@ class Offloader:
         self._release_if_idle()
 
     async def _invalidate(self) -> None:
-        async with self._lock:
+        async with locked(self):
             try:
                 await discard(self, invalidate=True)
             finally:
                 self._release_if_idle()
 
     async def _close(self) -> None:
-        async with self._lock:
+        async with locked(self):
             self.failure = None
             try:
                 if self.session.in_transaction():
@@ -266,7 +273,7 @@ class Offloader:
                 self._release_if_idle()
 
     async def _finish(self, *, commit: bool) -> None:
-        async with self._lock:
+        async with locked(self):
             failed = self.failure is not None
             try:
                 if commit and not failed:
@@ -354,7 +361,7 @@ class Offloader:
         session holding a transaction is rolled back here.
         """
         await stop_for_shutdown(self, reason, sever_at)
-        async with self._lock:
+        async with locked(self):
             if self.session.in_transaction():
                 await discard(self, invalidate=False)
             self._release_if_idle()
