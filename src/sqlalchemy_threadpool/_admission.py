@@ -24,8 +24,9 @@ from typing import TYPE_CHECKING
 
 import anyio
 from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
 
-from ._exceptions import AdmissionTimeoutError
+from ._exceptions import AdmissionTimeoutError, SessionClosedError
 from ._loops import bind_to_this_run, give_back_lost
 
 if TYPE_CHECKING:
@@ -193,10 +194,11 @@ def release(offloader: Offloader) -> None:
 
 # -- a forked child ----------------------------------------------------------------------------
 
-#: Sessions a forked child inherited while they were admitted in its parent: kept referenced
-#: and never used, so that collecting them cannot roll back or close (on a socket the parent
-#: still uses) the connection they hold, nor give their tokens back a second time.
-_inherited: list[Offloader] = []
+#: Sessions a forked child inherited while they were admitted in its parent, and their sync
+#: sessions: kept referenced and never used, so that collecting them cannot roll back or close
+#: (on a socket the parent still uses) the connection they hold, nor give their tokens back a
+#: second time.
+_inherited: list[object] = []
 
 _INHERITED = (
     "it was running in the process that forked this one, which still owns its transaction "
@@ -212,18 +214,38 @@ def _after_fork_in_child() -> None:
     forgotten, their scope ended (using one raises :class:`SessionClosedError`), and the tokens
     they had borrowed given back to their limiters (the engines' capacities and the caps
     makers made are replaced in the child anyway; a cap passed with ``limiter=`` is kept).
+
+    Ending them must not touch the parent's connection, nor wait for the parent's worker
+    thread or for a lock a parent's task held: each gets an empty stand-in sync session, a
+    fresh lock and no thread. Leaving ``async with sess:`` then returns at once, leaving a
+    ``threadpool_session()`` scope with an error too; leaving it normally (a commit) raises
+    :class:`SessionClosedError`, as every other IO does: nothing of it is committed here.
     """
     inherited = list(admitted.items())
     admitted.clear()
     waiting.clear()
     for offloader, ticket in inherited:
         offloader.end(_INHERITED)
-        _inherited.append(offloader)
+        _inherited.extend((offloader, offloader.session))
+        offloader.session = _InheritedSession()
+        offloader._lock = anyio.Lock(fast_acquire=True)
+        offloader._worker = offloader.current = None
+        offloader.is_admitted = False
         while ticket.taken:
             try:
                 ticket.taken.pop().release_on_behalf_of(ticket)
             except Exception:  # it woke a waiter of a loop the child does not run
                 logger.debug("giving back a token after fork failed", exc_info=True)
+
+
+class _InheritedSession(Session):
+    """What a forked child's copy of a parent's admitted session ends: nothing to commit."""
+
+    def commit(self) -> None:
+        raise SessionClosedError(
+            f"This session's scope has ended ({_INHERITED}): nothing of its transaction can "
+            "be committed in this process. Open sessions of the child's own in the child."
+        )
 
 
 if hasattr(os, "register_at_fork"):  # not on Windows, which does not fork
