@@ -359,9 +359,9 @@ def test_a_child_ends_a_session_its_parent_holds_a_transaction_in(
     """Sessions hold a transaction when the process forks. In the child, nothing touches the
     parent's connection or waits for the parent's worker thread, which the child does not
     have: leaving ``async with sess:`` returns at once; leaving ``async with maker.begin()``
-    normally raises SessionClosedError (nothing of it can be committed there); ``close()`` and
-    any other IO raise SessionClosedError. The parent's transactions are unharmed: they commit
-    afterwards."""
+    or a ``threadpool_session()`` scope normally raises SessionClosedError (nothing of it can
+    be committed there), with an error returns at once; ``close()`` and any other IO raise
+    SessionClosedError. The parent's transactions are unharmed: they commit afterwards."""
     maker = maker_for(engine)
     sess = maker()
     scope = maker.begin()
@@ -387,6 +387,10 @@ def test_a_child_ends_a_session_its_parent_holds_a_transaction_in(
                     await sess.execute(text("SELECT 1"))
                 with pytest.raises(SessionClosedError, match="forked"):  # its commit
                     await scope.__aexit__(None, None, None)
+                # What a threadpool_session() scope's exit does: with an error, then without.
+                await sess._end(commit=False, reason="the scope raised")
+                with pytest.raises(SessionClosedError, match="nothing of its transaction"):
+                    await sess._end(commit=True, reason="the scope ended")
                 with pytest.raises(ZeroDivisionError):
                     async with threadpool_session(maker, new=True) as other:
                         await other.execute(text("SELECT 1"))

@@ -4,9 +4,9 @@ Real programs run several event loops, one after the other, in one process: pyte
 test in a loop of its own while the makers are module-level, scripts call ``anyio.run`` twice,
 and one engine serves the asyncio and the trio tests of a suite. Everything made once must work
 in each of them, including when sessions queue for capacity. These tests run their loops
-themselves (``anyio.run``), the first on the backend of the ``anyio_backend`` parameter and the
-next ones alternating. Two loops using one capacity *at the same time* is refused with
-:class:`EventLoopConflictError`.
+themselves (``anyio.run``), the first on the backend of the ``anyio_backend`` parameter, the
+next ones on each library after itself and after the other. Two loops using one capacity or
+one session *at the same time* is refused with :class:`EventLoopConflictError`.
 """
 
 from __future__ import annotations
@@ -35,9 +35,10 @@ sqlite_only = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 OTHER = {"asyncio": "trio", "trio": "asyncio"}
 
 
-def alternating(first: str, runs: int = 4) -> list[str]:
-    """``runs`` backends, starting with ``first`` and alternating (two of each at least)."""
-    return [first if index % 2 == 0 else OTHER[first] for index in range(runs)]
+def in_turn(first: str) -> list[str]:
+    """Five runs' backends: each library after itself and after the other one."""
+    other = OTHER[first]
+    return [first, first, other, other, first]
 
 
 def run(fn: Callable[..., Awaitable[object]], backend: str, *args: object) -> None:
@@ -72,12 +73,13 @@ async def more_sessions_than_capacity(maker: threadpool_sessionmaker, tag: str) 
 def test_a_maker_serves_successive_event_loops_of_either_backend(
     pool_of_two: Engine, other_engine: Engine, anyio_backend: str
 ) -> None:
-    """A module-level maker, used by loop after loop, asyncio and trio in turn, with sessions
-    queueing for capacity in each: every one of them admits and commits."""
+    """A module-level maker, used by loop after loop (a second asyncio.run() or trio.run(), and
+    the other library after each), with sessions queueing for capacity in each: every one of
+    them is admitted and commits."""
     maker = threadpool_sessionmaker(pool_of_two, admission_timeout=30)
-    for index, backend in enumerate(alternating(anyio_backend)):
+    for index, backend in enumerate(in_turn(anyio_backend)):
         run(more_sessions_than_capacity, backend, maker, f"run {index}")
-    assert len(user_names(other_engine)) == 4 * 4
+    assert len(user_names(other_engine)) == 5 * 4
     assert_clean(pool_of_two, other_engine)
 
 
@@ -91,11 +93,11 @@ def test_a_maker_made_inside_a_loop_serves_the_next_loops(
         made.append(threadpool_sessionmaker(pool_of_two, admission_timeout=30))
         await more_sessions_than_capacity(made[0], "run 0")
 
-    backends = alternating(anyio_backend)
+    backends = in_turn(anyio_backend)
     run(make_and_use, backends[0])
     for index, backend in enumerate(backends[1:], 1):
         run(more_sessions_than_capacity, backend, made[0], f"run {index}")
-    assert len(user_names(other_engine)) == 4 * 4
+    assert len(user_names(other_engine)) == 5 * 4
     assert_clean(pool_of_two, other_engine)
 
 
@@ -115,9 +117,9 @@ def test_an_engine_facade_serves_successive_event_loops(
             for index in range(4):
                 group.start_soon(one, index)
 
-    for index, backend in enumerate(alternating(anyio_backend)):
+    for index, backend in enumerate(in_turn(anyio_backend)):
         run(connections, backend, f"run {index}")
-    assert len(user_names(other_engine)) == 4 * 4
+    assert len(user_names(other_engine)) == 5 * 4
     assert_clean(pool_of_two, other_engine)
 
 
@@ -135,9 +137,9 @@ def test_an_idle_session_is_used_again_in_the_next_loops(
         assert await sess.scalar(select(func.count()).select_from(User)) == int(name[-1]) + 1
         await sess.close()  # ... or not: no transaction is left either way
 
-    for index, backend in enumerate(alternating(anyio_backend)):
+    for index, backend in enumerate(in_turn(anyio_backend)):
         run(write, backend, f"run {index}")
-    assert user_names(other_engine) == {f"run {index}" for index in range(4)}
+    assert user_names(other_engine) == {f"run {index}" for index in range(5)}
     assert_clean(engine, other_engine)
 
 
@@ -159,14 +161,14 @@ def test_a_session_holding_a_transaction_when_its_loop_ended_goes_on_in_the_next
         await sess.commit()
 
     run(begin, anyio_backend)
-    assert checked_out(engine) == 1 and maker.stats().in_use == 1  # it holds both still
+    assert checked_out(engine) == 1  # it holds its connection still ...
+    assert maker.stats().in_use == 1  # ... and its capacity
     run(finish, OTHER[anyio_backend])
     assert user_names(other_engine) == {"begun", "finished"}
     assert maker.stats().in_use == 0
     assert_clean(engine, other_engine)
 
 
-@sqlite_only
 def test_a_session_lost_after_its_loop_ended_gives_its_capacity_back(
     pool_of_two: Engine, other_engine: Engine, anyio_backend: str
 ) -> None:
@@ -205,7 +207,7 @@ def test_a_session_lost_after_its_loop_ended_gives_its_capacity_back(
             assert maker.stats().in_use == 2
             go.set()
 
-    for backend in alternating(anyio_backend, 2):
+    for backend in in_turn(anyio_backend):
         run(whole_capacity, backend)
     assert user_names(other_engine) == set()
     assert_clean(pool_of_two, other_engine)
@@ -232,7 +234,9 @@ def test_two_loops_at_once_on_one_capacity_is_a_clear_error(
             for _ in range(3):  # one more than the capacity: it queues
                 group.start_soon(hold)
             with anyio.fail_after(10):
-                while maker.stats().waiting < 1:
+                for _ in range(1000):
+                    if maker.stats().waiting:
+                        break
                     await anyio.sleep(0.01)
             queued.set()
         outcome.append("done")
@@ -252,4 +256,42 @@ def test_two_loops_at_once_on_one_capacity_is_a_clear_error(
         release.set()
         thread.join(30)
     assert outcome == ["done"]
+    assert maker.stats().in_use == 0
+
+
+@sqlite_only
+def test_a_session_in_a_call_of_a_loop_of_the_other_library_is_a_clear_error(
+    engine: Engine, anyio_backend: str
+) -> None:
+    """A session is in the middle of a call in another thread's loop when a loop of the other
+    library uses it: EventLoopConflictError at once (a session serves one loop at a time), and
+    the call of the first loop is unharmed."""
+    maker = threadpool_sessionmaker(engine)
+    sess = maker()
+    inside, release = threading.Event(), threading.Event()
+    outcome: list[object] = []
+
+    def wait_inside(session: object) -> int:
+        inside.set()
+        release.wait(30)
+        return 1
+
+    async def first_loop() -> None:
+        outcome.append(await sess.run(wait_inside))
+        await sess.close()
+
+    thread = threading.Thread(target=run, args=(first_loop, anyio_backend))
+    thread.start()
+    try:
+        assert inside.wait(10)
+
+        async def other_loop() -> None:
+            await sess.execute(text("SELECT 1"))
+
+        with pytest.raises(EventLoopConflictError, match="one event loop at a time"):
+            run(other_loop, OTHER[anyio_backend])
+    finally:
+        release.set()
+        thread.join(30)
+    assert outcome == [1]
     assert maker.stats().in_use == 0

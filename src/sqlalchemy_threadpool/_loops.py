@@ -47,8 +47,17 @@ __all__ = ["bind_to_this_run", "give_back_lost", "locked", "relock"]
 
 logger = logging.getLogger(__name__)
 
-#: The run each of our limiters was last waited on in (an asyncio loop or a trio run token).
-_runs: weakref.WeakKeyDictionary[anyio.CapacityLimiter, Any] = weakref.WeakKeyDictionary()
+#: The run each limiter was last waited on in (an asyncio loop or a trio run token), weakly:
+#: a loop that ended and was collected is nobody's.
+_runs: weakref.WeakKeyDictionary[anyio.CapacityLimiter, weakref.ref[Any]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _last_run(limiter: anyio.CapacityLimiter) -> Any:
+    """The run ``limiter`` was last waited on in, if that run's loop still exists."""
+    ref = _runs.get(limiter)
+    return None if ref is None else ref()
 
 
 def current_run() -> Any:
@@ -89,7 +98,7 @@ def bind_to_this_run(gate: Gate) -> tuple[anyio.CapacityLimiter, ...]:
     """
     run = current_run()
     for limiter in gate.limiters:
-        last = _runs.get(limiter)
+        last = _last_run(limiter)
         if last is run:
             continue
         if last is not None and _is_running(last):
@@ -103,7 +112,7 @@ def bind_to_this_run(gate: Gate) -> tuple[anyio.CapacityLimiter, ...]:
             )
         if _library_of(limiter) not in (None, _library_of_run(run)):
             limiter = _renew(limiter)
-        _runs[limiter] = run
+        _runs[limiter] = weakref.ref(run)
     return gate.limiters
 
 
@@ -161,7 +170,7 @@ def give_back_lost(taken: list[anyio.CapacityLimiter], borrower: object) -> None
     """
     while taken:
         limiter = taken.pop()
-        run = _runs.get(limiter)
+        run = _last_run(limiter)
         if run is not None and _is_running(run):
             try:
                 _scheduler(run)(_release, limiter, borrower)
