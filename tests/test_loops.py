@@ -147,12 +147,18 @@ def test_a_session_holding_a_transaction_when_its_loop_ended_goes_on_in_the_next
     engine: Engine, other_engine: Engine, anyio_backend: str
 ) -> None:
     """A loop ends while a session holds a transaction (its connection, its capacity): the
-    transaction is still the session's in the next loop, of either backend, which ends it."""
+    transaction is still the session's in the next loops, of either library, as a sync
+    Session's would be; the last one commits it."""
     maker = threadpool_sessionmaker(engine)
     sess = maker()
 
     async def begin() -> None:
         sess.add(User(name="begun"))
+        await sess.flush()
+
+    async def go_on() -> None:
+        assert sess.in_transaction()
+        sess.add(User(name="went on"))
         await sess.flush()
 
     async def finish() -> None:
@@ -163,8 +169,10 @@ def test_a_session_holding_a_transaction_when_its_loop_ended_goes_on_in_the_next
     run(begin, anyio_backend)
     assert checked_out(engine) == 1  # it holds its connection still ...
     assert maker.stats().in_use == 1  # ... and its capacity
-    run(finish, OTHER[anyio_backend])
-    assert user_names(other_engine) == {"begun", "finished"}
+    run(go_on, anyio_backend)  # the same library's next loop
+    assert user_names(other_engine) == set()  # (not committed yet)
+    run(finish, OTHER[anyio_backend])  # the other library's
+    assert user_names(other_engine) == {"begun", "went on", "finished"}
     assert maker.stats().in_use == 0
     assert_clean(engine, other_engine)
 

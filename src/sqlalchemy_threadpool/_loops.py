@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 import weakref
 from collections.abc import Callable
@@ -207,6 +208,15 @@ async def relock(offloader: Offloader, error: RuntimeError) -> None:
     await renewed.acquire()
     offloader._lock = renewed
     offloader._threads = None  # anyio's threads of the other library, too
+
+
+def _forget_runs_after_fork() -> None:
+    """A forked child runs none of its parent's loops (one may look running: its thread's)."""
+    _runs.clear()
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows, which does not fork
+    os.register_at_fork(after_in_child=_forget_runs_after_fork)
 
 
 class locked:
