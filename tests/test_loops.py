@@ -132,6 +132,9 @@ def test_an_idle_session_is_used_again_in_the_next_loops(
     sess = maker()
 
     async def write(name: str) -> None:
+        async with anyio.create_task_group() as group:  # two calls first, at once
+            for _ in range(2):
+                group.start_soon(sess.scalar, select(func.count()).select_from(User))
         sess.add(User(name=name))
         await sess.commit()
         assert await sess.scalar(select(func.count()).select_from(User)) == int(name[-1]) + 1

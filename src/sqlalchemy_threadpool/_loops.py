@@ -196,18 +196,22 @@ async def relock(offloader: Offloader, error: RuntimeError) -> None:
     event loop library: the session was last used in a loop of it, and is idle.
     """
     lock = offloader._lock
-    if lock.locked():
-        if "already held" in str(error):  # the task holding it took it again: its bug
-            raise error
-        raise EventLoopConflictError(
-            "This session is in the middle of a call in another event loop (or that loop "
-            "ended during the call). A session serves one event loop at a time: open a "
-            "session of its own in each loop (`async with maker() as sess:`)."
-        ) from error
-    renewed = anyio.Lock(fast_acquire=True)
-    await renewed.acquire()
-    offloader._lock = renewed
+    try:
+        await lock.acquire()  # another task of this loop may have renewed it meanwhile
+        return
+    except RuntimeError as again:
+        if lock.locked():
+            if "already held" in str(again):  # the task holding it took it again: its bug
+                raise
+            raise EventLoopConflictError(
+                "This session is in the middle of a call in another event loop (or that loop "
+                "ended during the call). A session serves one event loop at a time: open a "
+                "session of its own in each loop (`async with maker() as sess:`)."
+            ) from error
+    # (installed before taking it: another task of this loop then queues on the new lock)
+    renewed = offloader._lock = anyio.Lock(fast_acquire=True)
     offloader._threads = None  # anyio's threads of the other library, too
+    await renewed.acquire()
 
 
 def _forget_runs_after_fork() -> None:
