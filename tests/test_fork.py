@@ -32,6 +32,7 @@ from sqlalchemy.pool import NullPool
 from helpers import assert_clean, slow_statement, user_names, wait_until_running
 from models import User
 from sqlalchemy_threadpool import (
+    SessionClosedError,
     WorkerPool,
     _cancel,
     _events,
@@ -349,4 +350,63 @@ def test_a_child_uses_a_worker_pool_the_application_made(
     anyio.run(write_and_read, maker, "parent again", backend="asyncio")
     assert workers.idle == 1  # the parent's thread was not lost to the child's reset
     assert user_names(other_engine) == {"parent", "child", "parent again"}
+    assert_clean(engine, other_engine)
+
+
+def test_a_child_ends_a_session_its_parent_holds_a_transaction_in(
+    engine: Engine, other_engine: Engine, anyio_backend: str
+) -> None:
+    """Sessions hold a transaction when the process forks. In the child, nothing touches the
+    parent's connection or waits for the parent's worker thread, which the child does not
+    have: leaving ``async with sess:`` returns at once; leaving ``async with maker.begin()``
+    or a ``threadpool_session()`` scope normally raises SessionClosedError (nothing of it can
+    be committed there), with an error returns at once; ``close()`` and any other IO raise
+    SessionClosedError. The parent's transactions are unharmed: they commit afterwards."""
+    maker = maker_for(engine)
+    sess = maker()
+    scope = maker.begin()
+
+    async def begin() -> None:
+        sess.add(User(name="parent"))
+        await sess.flush()
+        inner = await scope.__aenter__()
+        assert await inner.scalar(text("SELECT 5")) == 5  # (SQLite: one writer at a time)
+
+    anyio.run(begin, backend="asyncio")  # both hold a transaction and a connection
+
+    def child() -> None:
+        engine.dispose(close=False)
+
+        async def main() -> None:
+            with anyio.fail_after(LONG):  # (it hung: the parent's worker is not in the child)
+                with pytest.raises(SessionClosedError, match="forked"):
+                    await sess.close()  # (as on any session whose scope has ended)
+                async with sess:  # its exit closes it, as AsyncSession's: not an error
+                    pass
+                with pytest.raises(SessionClosedError, match="forked"):
+                    await sess.execute(text("SELECT 1"))
+                with pytest.raises(SessionClosedError, match="forked"):  # its commit
+                    await scope.__aexit__(None, None, None)
+                # What a threadpool_session() scope's exit does: with an error, then without.
+                await sess._end(commit=False, reason="the scope raised")
+                with pytest.raises(SessionClosedError, match="nothing of its transaction"):
+                    await sess._end(commit=True, reason="the scope ended")
+                with pytest.raises(ZeroDivisionError):
+                    async with threadpool_session(maker, new=True) as other:
+                        await other.execute(text("SELECT 1"))
+                        1 / 0  # noqa: B018
+                async with threadpool_session(maker, new=True) as fresh:  # the maker works
+                    assert await fresh.scalar(text("SELECT 7")) == 7
+
+        anyio.run(main, backend=anyio_backend)
+
+    run_in_child(child, deadline=LONG + 10)
+
+    async def finish() -> None:
+        sess.add(User(name="parent, later"))
+        await sess.commit()
+        await scope.__aexit__(None, None, None)
+
+    anyio.run(finish, backend="asyncio")
+    assert user_names(other_engine) == {"parent", "parent, later"}
     assert_clean(engine, other_engine)

@@ -25,6 +25,7 @@ from ._exceptions import BlockingOnEventLoopError as BlockingOnEventLoopError
 from ._exceptions import BlockingOnEventLoopWarning as BlockingOnEventLoopWarning
 from ._exceptions import ConfigurationError as ConfigurationError
 from ._exceptions import ConfigurationWarning as ConfigurationWarning
+from ._exceptions import EventLoopConflictError as EventLoopConflictError
 from ._exceptions import LazyLoadOnEventLoopError as LazyLoadOnEventLoopError
 from ._exceptions import NoSessionError as NoSessionError
 from ._exceptions import SessionClosedError as SessionClosedError
@@ -58,6 +59,7 @@ __all__ = [
     "BlockingOnEventLoopWarning",
     "ConfigurationError",
     "ConfigurationWarning",
+    "EventLoopConflictError",
     "LazyLoadOnEventLoopError",
     "NoSessionError",
     "SessionClosedError",

@@ -5,7 +5,8 @@ A session is *admitted* while it may hold a connection: it has borrowed, through
 maker's ``limiter=`` cap, if any, then the capacity of each engine it binds, shared by
 everything on that engine), taken in the gate's order. The ticket, not the session, is the
 borrower, so that a session dropped without being closed stays collectable;
-:func:`release_lost`, called when it is collected, gives the tokens back on the event loop.
+:func:`release_lost`, called when it is collected, gives the tokens back (also after its
+loop ended).
 :data:`admitted` lists the tickets of the admitted sessions for ``shutdown()`` and the stats;
 :data:`waiting` the tickets waiting for admission, since when; a forked child forgets those of
 its parent. :func:`admit` takes the tokens (waiting at most the admission timeout, and logging
@@ -15,19 +16,20 @@ back.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import sys
 import time
 import weakref
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import anyio
 from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
 
-from ._exceptions import AdmissionTimeoutError
+from ._exceptions import AdmissionTimeoutError, SessionClosedError
+from ._loops import bind_to_this_run, give_back_lost
+from ._session_lock import SessionLock
 
 if TYPE_CHECKING:
     from ._capacity import Gate
@@ -38,7 +40,6 @@ __all__ = [
     "admit",
     "admitted",
     "admitted_offloaders",
-    "loop_scheduler",
     "release",
     "release_lost",
     "would_block",
@@ -74,14 +75,12 @@ class Ticket:
     pool and :func:`release_lost` gives its tokens back instead of losing them for good.
     """
 
-    __slots__ = ("__weakref__", "gate", "owner", "schedule", "taken")
+    __slots__ = ("__weakref__", "gate", "owner", "taken")
 
     def __init__(self, gate: Gate, owner: Offloader) -> None:
         self.gate = gate
         #: The limiters it holds a token of, in the order taken.
         self.taken: list[anyio.CapacityLimiter] = []
-        #: The event loop's thread-safe "call soon", set at the first admission.
-        self.schedule: Callable[..., object] | None = None
         #: The session it borrows for; when that is collected, :func:`release_lost` runs.
         self.owner: weakref.ref[Offloader] = weakref.ref(owner, self._lost)
         _watched.add(self)
@@ -98,16 +97,6 @@ class Ticket:
             taken.pop().release_on_behalf_of(self)
 
 
-def loop_scheduler() -> Callable[..., object]:
-    """The running event loop's thread-safe way to run a callback soon (asyncio or trio)."""
-    try:
-        return asyncio.get_running_loop().call_soon_threadsafe
-    except RuntimeError:  # not asyncio: anyio's only other backend
-        import trio
-
-        return trio.lowlevel.current_trio_token().run_sync_soon
-
-
 def would_block() -> tuple[type[Exception], ...]:
     """What a full limiter's ``acquire_on_behalf_of_nowait`` raises: ``except would_block():``.
 
@@ -122,15 +111,13 @@ def would_block() -> tuple[type[Exception], ...]:
 def release_lost(ticket: Ticket) -> None:
     """A session was collected: give back the tokens it held if it was dropped while admitted.
 
-    Runs wherever the garbage collector ran; the release itself is handed to the loop.
+    Runs wherever the garbage collector ran, also after the session's loop has ended: each
+    token goes back in the loop that waits on its limiter, if one does (:mod:`._loops`).
     """
-    if not ticket.taken or ticket.schedule is None:
+    if not ticket.taken:
         return
     taken, ticket.taken = ticket.taken, []  # (the session is gone: nobody else uses it)
-    try:
-        ticket.schedule(_give_back_for, taken, ticket)
-    except RuntimeError:  # the loop has closed: its limiters are gone with it
-        return
+    give_back_lost(taken, ticket)
     logger.warning(
         "a ThreadpoolSession was garbage-collected while it held a transaction; its "
         "transaction was lost and its connection capacity given back. End every session: "
@@ -139,18 +126,12 @@ def release_lost(ticket: Ticket) -> None:
     )
 
 
-def _give_back_for(taken: list[anyio.CapacityLimiter], borrower: Ticket) -> None:
-    while taken:
-        taken.pop().release_on_behalf_of(borrower)
-
-
 async def admit(offloader: Offloader) -> None:
     """Take a token of each limiter of the session's gate: at once when each has one free and
     nobody queued, else waiting (in the gate's order) at most its admission timeout."""
     ticket = offloader.ticket
     if ticket is None:
         ticket = offloader.ticket = Ticket(offloader.limiter, offloader)
-        ticket.schedule = loop_scheduler()
     limiters = ticket.gate.limiters
     taken = ticket.taken
     try:  # capacity free and nobody queued: no trip round the loop, no cancel scope
@@ -174,6 +155,7 @@ async def _wait(
     back the tokens already taken.
     """
     timeout = offloader.admission_timeout
+    limiters = bind_to_this_run(ticket.gate)  # (waited on in another loop before?)
     started = waiting[ticket] = time.monotonic()
     outcome = "was cancelled"
     try:
@@ -246,10 +228,11 @@ def release(offloader: Offloader) -> None:
 
 # -- a forked child ----------------------------------------------------------------------------
 
-#: Sessions a forked child inherited while they were admitted in its parent: kept referenced
-#: and never used, so that collecting them cannot roll back or close (on a socket the parent
-#: still uses) the connection they hold, nor give their tokens back a second time.
-_inherited: list[Offloader] = []
+#: Sessions a forked child inherited while they were admitted in its parent, and their sync
+#: sessions: kept referenced and never used, so that collecting them cannot roll back or close
+#: (on a socket the parent still uses) the connection they hold, nor give their tokens back a
+#: second time.
+_inherited: list[object] = []
 
 _INHERITED = (
     "it was running in the process that forked this one, which still owns its transaction "
@@ -265,6 +248,12 @@ def _after_fork_in_child() -> None:
     forgotten, their scope ended (using one raises :class:`SessionClosedError`), and the tokens
     they had borrowed given back to their limiters (the engines' capacities and the caps
     makers made are replaced in the child anyway; a cap passed with ``limiter=`` is kept).
+
+    Ending them must not touch the parent's connection, nor wait for the parent's worker
+    thread or for a lock a parent's task held: each gets an empty stand-in sync session, a
+    fresh lock and no thread. Leaving ``async with sess:`` then returns at once, leaving a
+    ``threadpool_session()`` scope with an error too; leaving it normally (a commit) raises
+    :class:`SessionClosedError`, as every other IO does: nothing of it is committed here.
     """
     inherited = list(admitted)
     admitted.clear()
@@ -273,12 +262,26 @@ def _after_fork_in_child() -> None:
         offloader = ticket.owner()
         if offloader is not None:
             offloader.end(_INHERITED)
-            _inherited.append(offloader)
+            _inherited.extend((offloader, offloader.session))
+            offloader.session = _InheritedSession()
+            offloader._lock = SessionLock()
+            offloader._worker = offloader.current = None
+            offloader.is_admitted = False
         while ticket.taken:
             try:
                 ticket.taken.pop().release_on_behalf_of(ticket)
             except Exception:  # it woke a waiter of a loop the child does not run
                 logger.debug("giving back a token after fork failed", exc_info=True)
+
+
+class _InheritedSession(Session):
+    """What a forked child's copy of a parent's admitted session ends: nothing to commit."""
+
+    def commit(self) -> None:
+        raise SessionClosedError(
+            f"This session's scope has ended ({_INHERITED}): nothing of its transaction can "
+            "be committed in this process. Open sessions of the child's own in the child."
+        )
 
 
 if hasattr(os, "register_at_fork"):  # not on Windows, which does not fork

@@ -11,6 +11,8 @@ wrapped and reach the caller unchanged (``except IntegrityError`` keeps working)
     ├── AdmissionTimeoutError       no connection capacity within the admission timeout
     │                               (also a TimeoutError)
     ├── SessionOwnershipError       a strict session used from a task that does not own it
+    ├── EventLoopConflictError      a capacity or a session used by two event loops at once
+    │                               (also a RuntimeError)
     ├── TransactionInterruptedError a call was cancelled or timed out while it ran: the
     │                               unit of work failed and was rolled back
     ├── StreamClosedError           a stream's unread rows were discarded as its transaction
@@ -34,6 +36,7 @@ __all__ = [
     "BlockingOnEventLoopWarning",
     "ConfigurationError",
     "ConfigurationWarning",
+    "EventLoopConflictError",
     "LazyLoadOnEventLoopError",
     "NoSessionError",
     "SessionClosedError",
@@ -70,6 +73,15 @@ class AdmissionTimeoutError(ThreadpoolSessionError, TimeoutError):
 
 class SessionOwnershipError(ThreadpoolSessionError):
     """A session made with ``strict=True`` was used from a task that does not own it."""
+
+
+class EventLoopConflictError(ThreadpoolSessionError, RuntimeError):
+    """Two event loops running at once used one engine's capacity, or one session.
+
+    Makers, engines and sessions serve any number of event loops one after the other, of
+    asyncio and trio alike, but one at a time: a session waiting for a connection can only be
+    woken in its own loop. Give each concurrently running loop its own engine and maker.
+    """
 
 
 class TransactionInterruptedError(ThreadpoolSessionError):

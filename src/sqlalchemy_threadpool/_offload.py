@@ -111,7 +111,7 @@ class Offloader:
         self._strict = strict
         self._owner: tuple[int, str] | None = _current_task() if strict else None
         # ``None`` when made outside a task: the first task that uses it becomes the owner.
-        self._lock = SessionLock()
+        self._lock = SessionLock(self._forget_threads)
         self._threads: anyio.CapacityLimiter | None = None
         #: Where the session's dedicated threads come from; ``None``: anyio's worker threads.
         self._workers = workers
@@ -299,6 +299,11 @@ class Offloader:
             # that never started is skipped by the thread.
             self._worker = None
             self._workers.release(worker)
+
+    def _forget_threads(self) -> None:
+        """The session is used under another event loop library: its anyio thread limiter
+        (``offload="anyio"``) belongs to the old one."""
+        self._threads = None
 
     def anyio_threads(self) -> anyio.CapacityLimiter:
         """The limiter of this session's anyio threads, made on first use.

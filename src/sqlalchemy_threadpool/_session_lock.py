@@ -20,6 +20,14 @@ The rules that make the flag and the anyio lock one lock:
 A task cancelled before it holds the session never holds it, so its call never starts: the
 flag path checks for cancellation first (as ``anyio.Lock(fast_acquire=True)`` does), the
 queued path is anyio's cancellable waiting.
+
+**Successive event loops.** A session may serve one loop after another, of either library
+(:mod:`._loops`). The cancellation check and the waiters' queue belong to the library of the
+loop that looked them up; used under the other one they raise ``RuntimeError`` at once, and
+the lock then looks them up again for this library (``on_new_library`` tells its session,
+whose anyio thread limiter belongs to the old one too). A session still held by a task of the
+other library (in the middle of a call in another thread's loop) is refused with
+:class:`~._exceptions.EventLoopConflictError`: a session serves one event loop at a time.
 """
 
 from __future__ import annotations
@@ -30,15 +38,25 @@ from types import TracebackType
 import anyio
 from anyio.lowlevel import current_token
 
+from ._exceptions import EventLoopConflictError
+
 __all__ = ["SessionLock"]
 
 
 class SessionLock:
     """One holder at a time; a flag when uncontended, anyio's lock for the waiters."""
 
-    __slots__ = ("_checkpoint", "_free", "_lock", "_queued", "_via_lock", "held")
+    __slots__ = (
+        "_checkpoint",
+        "_free",
+        "_lock",
+        "_on_new_library",
+        "_queued",
+        "_via_lock",
+        "held",
+    )
 
-    def __init__(self) -> None:
+    def __init__(self, on_new_library: Callable[[], object] | None = None) -> None:
         #: Whether a task holds the session.
         self.held = False
         #: Tasks that found the session busy and do not hold it yet.
@@ -50,8 +68,11 @@ class SessionLock:
         #: Whether the holder holds :attr:`_lock` too (it came through the queue).
         self._via_lock = False
         #: The event loop library's "raise if cancelled", looked up at the first acquisition
-        #: (a session lives on one event loop, as an ``anyio.Lock`` does).
+        #: and again under another library; ``None`` also after a shielded acquisition, which
+        #: does not say which library the holder runs in.
         self._checkpoint: Callable[[], Awaitable[None]] | None = None
+        #: Called when the lock finds itself under another event loop library.
+        self._on_new_library = on_new_library
 
     def locked(self) -> bool:
         """Whether a task holds the session."""
@@ -61,9 +82,11 @@ class SessionLock:
         if not self.held and not self._queued:
             checkpoint = self._checkpoint
             if checkpoint is None:
-                backend = current_token().backend_class
-                checkpoint = self._checkpoint = backend.checkpoint_if_cancelled
-            await checkpoint()  # returns at once unless cancelled: then it raises
+                checkpoint = self._look_up()
+            try:
+                await checkpoint()  # returns at once unless cancelled: then it raises
+            except RuntimeError:  # the other library's, from a loop of it before: idle
+                await self._look_up(renew=True)()
             if not self.held and not self._queued:
                 self.held = True
                 return
@@ -74,8 +97,19 @@ class SessionLock:
         refused): no cancellation check, which could not raise there anyway."""
         if not self.held and not self._queued:
             self.held = True
+            self._checkpoint = None  # (which library the holder runs in is not known)
             return
         await self._wait()
+
+    def _look_up(self, *, renew: bool = False) -> Callable[[], Awaitable[None]]:
+        """The running library's cancellation check, kept; ``renew``: the lock was last used
+        under the other library, whose waiters' queue is dropped too."""
+        checkpoint = self._checkpoint = current_token().backend_class.checkpoint_if_cancelled
+        if renew:
+            self._lock = self._free = None
+            if self._on_new_library is not None:
+                self._on_new_library()
+        return checkpoint
 
     async def __aexit__(
         self,
@@ -87,12 +121,26 @@ class SessionLock:
 
     async def _wait(self) -> None:
         """The contended path: queue on the anyio lock, then for the flag's holder if any."""
+        if self.held and self._checkpoint is not None:
+            checkpoint = current_token().backend_class.checkpoint_if_cancelled
+            if checkpoint != self._checkpoint:
+                raise EventLoopConflictError(
+                    "This session is in the middle of a call in another event loop (or that "
+                    "loop ended during the call). A session serves one event loop at a time: "
+                    "open a session of its own in each loop (`async with maker() as sess:`)."
+                )
         lock = self._lock
         if lock is None:
             lock = self._lock = anyio.Lock(fast_acquire=True)
         self._queued += 1
         try:
-            await lock.acquire()
+            try:
+                await lock.acquire()
+            except RuntimeError:  # the other library's queue, from a loop of it before
+                if lock.locked() or lock is not self._lock:
+                    raise
+                lock = self._lock = anyio.Lock(fast_acquire=True)  # (nobody queues on it)
+                await lock.acquire()
             try:
                 while self.held:  # held through the flag path (at most once: nobody else
                     free = self._free = anyio.Event()  # takes it while we are queued)
