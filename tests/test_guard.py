@@ -1043,3 +1043,33 @@ def test_the_guard_never_monkeypatches(db_url: str, engine: Engine, user_id: int
     )
     assert completed.returncode == 0, completed.stderr
     assert json.loads(completed.stdout.splitlines()[-1]) == []
+
+
+async def test_statement_listeners_run_unwrapped_and_pass_sql_through(engine: Engine) -> None:
+    """Our ``before_cursor_execute`` listeners are called as they are (``retval=True``, no
+    SQLAlchemy wrapper per statement), return the statement unchanged, and so leave a user's
+    own rewriting listener in charge of what reaches the database."""
+    from sqlalchemy_threadpool import _events, _guard
+
+    sent: list[str] = []
+
+    @event.listens_for(engine, "before_cursor_execute", retval=True)
+    def tag(
+        conn: object, cursor: object, statement: str, params: object, *args: object
+    ) -> tuple[str, object]:
+        return f"{statement} -- tagged", params
+
+    @event.listens_for(engine, "after_cursor_execute")
+    def record(conn: object, cursor: object, statement: str, *args: object) -> None:
+        sent.append(statement)
+
+    maker = threadpool_sessionmaker(engine)
+    async with maker() as sess:
+        assert await sess.scalar(text("SELECT 1")) == 1
+    listeners = list(engine.dispatch.before_cursor_execute)
+    assert _events.refuse_if_given_up in listeners
+    assert _guard.before_cursor_execute in listeners
+    assert sent
+    assert all(statement.endswith(" -- tagged") for statement in sent), sent
+    event.remove(engine, "before_cursor_execute", tag)
+    event.remove(engine, "after_cursor_execute", record)

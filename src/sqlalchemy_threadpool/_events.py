@@ -82,10 +82,13 @@ def _watch(engine: Engine, groups: int) -> None:
         if not missing:
             return
         if missing & _OFFLOAD:
-            event.listen(engine, "before_cursor_execute", refuse_if_given_up)
+            # retval=True: called as is, without SQLAlchemy's wrapper (a call per statement)
+            event.listen(engine, "before_cursor_execute", refuse_if_given_up, retval=True)
             event.listen(engine, "checkin", count_checkin)
         if missing & _GUARD:
-            event.listen(engine, "before_cursor_execute", _guard.before_cursor_execute)
+            event.listen(
+                engine, "before_cursor_execute", _guard.before_cursor_execute, retval=True
+            )
             event.listen(engine, "commit", _guard.commit)
         if missing & _SIDE_CONNECTION:
             event.listen(engine, "engine_disposed", close_side_connection)
@@ -121,8 +124,16 @@ class _CallGivenUp(ThreadpoolSessionError):
     """Raised inside a call given up on that tries to start another statement."""
 
 
-def refuse_if_given_up(conn: Connection, *args: Any) -> None:
-    """Engine ``before_cursor_execute``: a call given up on may not start another statement."""
+def refuse_if_given_up(
+    conn: Connection,
+    cursor: Any,
+    statement: str,
+    parameters: Any,
+    context: Any,
+    executemany: bool,
+) -> tuple[str, Any]:
+    """Engine ``before_cursor_execute`` (``retval=True``): a call given up on may not start
+    another statement; any other statement goes on unchanged."""
     call: Call | None = getattr(running, "call", None)
     if call is not None and call.state is not RUNNING:
         raise _CallGivenUp(
@@ -130,6 +141,7 @@ def refuse_if_given_up(conn: Connection, *args: Any) -> None:
             "in a worker thread; its transaction is being rolled back, so it may not start "
             "another statement."
         )
+    return statement, parameters
 
 
 def note_commit_began(session: Session) -> None:

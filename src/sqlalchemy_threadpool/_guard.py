@@ -95,7 +95,17 @@ def on_event_loop_thread() -> bool:
 
 
 def _blocked() -> bool:
-    return on_event_loop_thread() and _allowed.get() == 0
+    """Whether SQL may not run here: on an event-loop thread, outside ``allow_blocking()``.
+
+    Checked per statement and transaction event, mostly in worker threads (no loop): the
+    asyncio look-up is inlined, so the common answer costs one call less.
+    """
+    if _get_running_loop() is None and (_in_trio_run is None or not _in_trio_run()):
+        if _in_trio_run is not None or "trio" not in sys.modules:
+            return False
+        if not on_event_loop_thread():  # trio just imported: looks up in_trio_run once
+            return False
+    return _allowed.get() == 0
 
 
 class allow_blocking:
@@ -138,29 +148,42 @@ class allow_blocking:
 class _SessionGuard:
     """What the guard knows about one session: its mode, its connections, what it reported."""
 
-    __slots__ = ("__weakref__", "connections", "mode", "reporting")
+    __slots__ = ("connections", "mode", "reporting")
 
     def __init__(self, mode: GuardMode) -> None:
         self.mode: GuardMode = mode
-        #: Connections the session's current root transaction holds. Weak: ``_owned`` maps
-        #: each of them to this object, and a strong reference back would keep a lost
-        #: session's connection (and so its pool slot) alive for ever.
+        #: Connections the session's current root transaction holds. Weak: each of them
+        #: points to this object (:func:`_holder`), and a strong reference back would keep a
+        #: lost session's connection (and so its pool slot) alive for ever.
         self.connections: weakref.WeakSet[Connection] = weakref.WeakSet()
         #: In "warn" mode, the operation already reported ("flush", "commit"): the statements
         #: it sends are that one occurrence, not new ones.
         self.reporting: str | None = None
 
 
-_sessions: weakref.WeakKeyDictionary[Session, _SessionGuard] = weakref.WeakKeyDictionary()
-#: Connections held by our sessions right now, and whose they are.
-_owned: weakref.WeakKeyDictionary[Connection, _SessionGuard] = weakref.WeakKeyDictionary()
+#: The attribute (in the instance ``__dict__``) of a session that holds its
+#: :class:`_SessionGuard`, and of a connection one of our sessions holds right now that
+#: holds that session's. Attributes, not weak-keyed registries: no weak reference made and
+#: called back per session and per transaction in the worker, and they go with the object.
+_GUARD = "_sqlalchemy_threadpool_guard"
 
 
 def _guard_of(session: Session, mode: GuardMode) -> _SessionGuard:
-    guard = _sessions.get(session)
+    state = session.__dict__
+    guard: _SessionGuard | None = state.get(_GUARD)
     if guard is None:
-        guard = _sessions.setdefault(session, _SessionGuard(mode))
+        guard = state.setdefault(_GUARD, _SessionGuard(mode))
     return guard
+
+
+def _session_guard(session: Session) -> _SessionGuard | None:
+    """The guard state of ``session``, if it has one yet."""
+    return session.__dict__.get(_GUARD)
+
+
+def _holder(conn: Connection) -> _SessionGuard | None:
+    """The guard state of the session of ours that holds ``conn`` now, if any."""
+    return conn.__dict__.get(_GUARD)
 
 
 def session_listeners(mode: GuardMode) -> list[tuple[str, Callable[..., Any]]]:
@@ -197,20 +220,20 @@ def session_listeners(mode: GuardMode) -> list[tuple[str, Callable[..., Any]]]:
 
     def after_begin(session: Session, transaction: SessionTransaction, conn: Connection) -> None:
         guard = _guard_of(session, mode)
-        if _owned.get(conn) is not guard:
-            _owned[conn] = guard
+        if conn.__dict__.get(_GUARD) is not guard:
+            conn.__dict__[_GUARD] = guard
             guard.connections.add(conn)
         if guard.reporting is None and _blocked():
             _report(mode, _statement_message("Checking out a database connection"))
 
     def after_transaction_end(session: Session, transaction: SessionTransaction) -> None:
         if transaction.parent is None:
-            guard = _sessions.get(session)
+            guard = _session_guard(session)
             if guard is not None:
                 guard.reporting = None
                 for conn in list(guard.connections):
-                    if _owned.get(conn) is guard:
-                        del _owned[conn]
+                    if conn.__dict__.get(_GUARD) is guard:
+                        del conn.__dict__[_GUARD]
                 guard.connections.clear()
 
     listeners: list[tuple[str, Callable[..., Any]]] = [
@@ -233,7 +256,7 @@ def _end_of(operation: str | None) -> Any:
     """A hook that ends the reported ``operation`` (any, for ``None``) of a session."""
 
     def end(session: Session, *args: Any) -> None:
-        guard = _sessions.get(session)
+        guard = _session_guard(session)
         if guard is not None and (operation is None or guard.reporting == operation):
             guard.reporting = None
 
@@ -241,11 +264,18 @@ def _end_of(operation: str | None) -> Any:
 
 
 def before_cursor_execute(
-    conn: Connection, cursor: Any, statement: str, *args: Any, **kwargs: Any
-) -> None:
-    """Engine listener: SQL sent on the loop through a connection one of our sessions holds."""
+    conn: Connection,
+    cursor: Any,
+    statement: str,
+    parameters: Any,
+    context: Any,
+    executemany: bool,
+) -> tuple[str, Any]:
+    """Engine listener (``retval=True``): SQL sent on the loop through a connection one of
+    our sessions holds; the statement goes on unchanged."""
     if _blocked():
         _check_connection(conn, f"The statement {_short(statement)!r}")
+    return statement, parameters
 
 
 def commit(conn: Connection) -> None:
@@ -255,7 +285,7 @@ def commit(conn: Connection) -> None:
 
 
 def _check_connection(conn: Connection, what: str) -> None:
-    guard = _owned.get(conn)
+    guard = _holder(conn)
     if guard is None or guard.reporting is not None:
         return  # not held by one of our sessions (the application's business), or reported
     _report(guard.mode, _statement_message(f"{what}, on a connection of a threadpool session,"))
