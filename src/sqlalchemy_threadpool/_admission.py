@@ -40,6 +40,7 @@ __all__ = [
     "admit",
     "admitted",
     "admitted_offloaders",
+    "log_wait",
     "release",
     "release_lost",
     "would_block",
@@ -187,7 +188,7 @@ async def _wait(
         if threshold is not None:
             waited = time.monotonic() - started
             if waited >= threshold:
-                _log_wait(ticket.gate, limiter, waited, outcome)
+                log_wait(ticket.gate.describe(limiter), limiter, waited, outcome)
 
 
 async def _take(ticket: Ticket, limiters: tuple[anyio.CapacityLimiter, ...]) -> None:
@@ -198,14 +199,19 @@ async def _take(ticket: Ticket, limiters: tuple[anyio.CapacityLimiter, ...]) -> 
         taken.append(limiter)
 
 
-def _log_wait(gate: Gate, limiter: anyio.CapacityLimiter, waited: float, outcome: str) -> None:
+def log_wait(
+    what: str, limiter: anyio.CapacityLimiter, waited: float, outcome: str, *, where: str = ""
+) -> None:
+    """Log an admission wait on this module's logger: ``what`` the capacity waited for (its
+    description), ``where`` how the session came to need it (``" of an engine ..."``)."""
     total, in_use = int(limiter.total_tokens), limiter.borrowed_tokens
     queued = limiter.statistics().tasks_waiting
     logger.warning(
-        "a session waited %.3f s for a database connection and %s: %s, %d in use, %d waiting",
+        "a session waited %.3f s for a database connection%s and %s: %s, %d in use, %d waiting",
         waited,
+        where,
         outcome,
-        gate.describe(limiter),
+        what,
         in_use,
         queued,
         extra={

@@ -28,7 +28,6 @@ waits for its outcome; it ends when the loop gives up on the call (the awaiting 
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 import weakref
@@ -39,7 +38,7 @@ import anyio.from_thread
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 
-from ._admission import Ticket, would_block
+from ._admission import Ticket, log_wait, would_block
 from ._binds import pool_timeout
 from ._call import RUNNING, Call, running
 from ._capacity import Capacity, capacity_for
@@ -50,8 +49,6 @@ if TYPE_CHECKING:
     from ._offload import Offloader
 
 __all__ = ["Waiting", "admitting_class", "attach", "stop_waiting", "waiting"]
-
-logger = logging.getLogger("sqlalchemy_threadpool._admission")
 
 
 class Waiting:
@@ -228,30 +225,15 @@ async def _wait(ticket: Ticket, capacity: Capacity, seconds: float) -> bool:
         threshold = ticket.gate.log_threshold
         waited = time.monotonic() - wait.started
         if threshold is not None and waited >= threshold:
-            _log_wait(capacity, waited, outcome)
+            limiter = capacity.limiter
+            log_wait(
+                f"the {limiter.total_tokens:g}-session capacity of {capacity.name}",
+                limiter,
+                waited,
+                outcome,
+                where=" of an engine its get_bind reached",
+            )
     return True
-
-
-def _log_wait(capacity: Capacity, waited: float, outcome: str) -> None:
-    limiter = capacity.limiter
-    total, in_use = int(limiter.total_tokens), limiter.borrowed_tokens
-    queued = limiter.statistics().tasks_waiting
-    logger.warning(
-        "a session waited %.3f s for a database connection of an engine its get_bind "
-        "reached and %s: the %d-session capacity of %s, %d in use, %d waiting",
-        waited,
-        outcome,
-        total,
-        capacity.name,
-        in_use,
-        queued,
-        extra={
-            "admission_wait": waited,
-            "capacity": total,
-            "in_use": in_use,
-            "waiting": queued,
-        },
-    )
 
 
 def _after_fork_in_child() -> None:
